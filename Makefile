@@ -1,0 +1,31 @@
+# Every target runs from a fresh clone: `make test` installs what it needs first.
+PY := .venv/bin/python
+export HF_HUB_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+
+.PHONY: install test quickstart bench ui clean
+
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	python3.11 -m venv .venv || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+quickstart: install
+	$(PY) -m cameo_bench train gin/experiments/quickstart.gin
+
+bench: install
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests/benchmarks -q --benchmark-enable \
+		--benchmark-json=reports/benchmarks/benchmarks.json
+
+ui: install
+	$(PY) -m pip install -q -e '.[ui]'
+	$(PY) -m cameo_bench.tracking_ui
+
+clean:
+	rm -rf .venv build *.egg-info

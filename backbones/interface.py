@@ -1,0 +1,153 @@
+"""The contract every multi-view backbone honours.
+
+Experiments, losses and analyses address attention layers by *name* only, so a new architecture
+plugs into everything by implementing `MultiViewBackbone` and routing its self-attention through
+`backbones.attention.multiview_attention`.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class AttentionLayer:
+    """One self-attention layer, listed in forward execution order.
+
+    `stride` is the token stride in input pixels, so pixel-level correspondences can be pooled to
+    this layer's token grid without knowing the architecture.
+    """
+
+    name: str
+    cross_view: bool
+    num_heads: int
+    head_dim: int
+    stride: int
+    index: int = -1
+
+
+@dataclass
+class TapRequest:
+    """Ask one layer to hand out the q rows and k it fed to SDPA.
+
+    `query_idx [B, Qs]` holds global token ids in the view-major layout (v*h*w + y*w + x);
+    `None` means every token. The backbone never builds an N x N map: the loss does, in chunks.
+    """
+
+    layer: str
+    query_idx: torch.Tensor | None = None
+    want_features: bool = False
+
+
+@dataclass
+class TapResult:
+    """What SDPA saw in the tapped layer, with its autograd graph.
+
+    q [B, H, Qs, d] and k [B, H, N, d] are after q/k normalisation; logits are `q @ k^T * scale`.
+    For a per-view layer the keys of each view are only those of the query's own view in the real
+    forward, but `k` still holds all N tokens so cross-view analyses can be run on any layer.
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    scale: float
+    grid: tuple[int, int, int]  # (V, h, w)
+    query_idx: torch.Tensor  # [B, Qs]
+    layer: str = ""
+    cross_view: bool = True
+    features: torch.Tensor | None = None  # [B, N, C] attention output before the out projection
+
+    def logits(self, key_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Pre-softmax logits [B, H, Qs, Nk] (fp32), optionally for a subset of key tokens."""
+        k = self.k if key_idx is None else self.k[:, :, key_idx]
+        return torch.einsum("bhqd,bhkd->bhqk", self.q.float(), k.float()) * self.scale
+
+
+@dataclass
+class BackboneOutput:
+    sample: torch.Tensor  # [B, V, C, H, W]
+    tap: TapResult | None = None
+
+
+@dataclass
+class TapState:
+    """Per-forward bookkeeping shared by all attention layers of one model.
+
+    Write-once: gradient checkpointing recomputes the forward during backward, and a recomputed
+    layer must neither overwrite the tap nor keep a second copy alive.
+    """
+
+    num_views: int = 1
+    request: TapRequest | None = None
+    perturb: dict[str, str] = field(default_factory=dict)
+    result: TapResult | None = None
+
+
+class UnknownLayerError(KeyError):
+    """Raised with the list of valid layer names (and close matches)."""
+
+    def __init__(self, name: str, valid: list[str]):
+        close = difflib.get_close_matches(name, valid, n=3)
+        hint = f" Did you mean {close}?" if close else ""
+        super().__init__(f"unknown attention layer {name!r}.{hint} Valid layers: {valid}")
+        self.name, self.valid = name, valid
+
+    def __str__(self) -> str:  # KeyError would otherwise repr() the message
+        return self.args[0]
+
+
+PERTURBATIONS = ("identity",)
+
+
+class MultiViewBackbone:
+    """Mixin with the shared parts of the contract; concrete classes also subclass
+    diffusers `ModelMixin` + `ConfigMixin` and implement `forward` and `attention_layers`.
+    """
+
+    def attention_layers(self) -> list[AttentionLayer]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.attention_layers()]
+
+    def get_attention_layer(self, name: str) -> AttentionLayer:
+        for layer in self.attention_layers():
+            if layer.name == name:
+                return layer
+        raise UnknownLayerError(name, self.layer_names())
+
+    def resolve_layer(self, selector: str) -> str:
+        """Turn a layer name or a selector into a layer name.
+
+        Selectors: an exact name; `"first_cross_view"`, `"last_cross_view"`;
+        `"decoder:first_cross_view"` (restrict to names starting with the prefix);
+        `"depth:0.6"` (the layer at that fraction of the execution order).
+        """
+        layers = self.attention_layers()
+        names = [layer.name for layer in layers]
+        if selector in names:
+            return selector
+        if selector.startswith("depth:"):
+            frac = float(selector.split(":", 1)[1])
+            if not 0.0 <= frac <= 1.0:
+                raise ValueError(f"depth fraction must be in [0, 1], got {frac}")
+            return names[min(int(round(frac * (len(names) - 1))), len(names) - 1)]
+        prefix, _, rule = selector.rpartition(":")
+        if rule in ("first_cross_view", "last_cross_view"):
+            pool = [layer for layer in layers if layer.cross_view and layer.name.startswith(prefix)]
+            if pool:
+                return (pool[0] if rule.startswith("first") else pool[-1]).name
+            raise UnknownLayerError(selector, names)
+        raise UnknownLayerError(selector, names)
+
+    def check_tap_and_perturb(self, tap: TapRequest | None, perturb: dict | None) -> None:
+        names = self.layer_names()
+        if tap is not None and tap.layer not in names:
+            raise UnknownLayerError(tap.layer, names)
+        for name, mode in (perturb or {}).items():
+            if name not in names:
+                raise UnknownLayerError(name, names)
+            if mode not in PERTURBATIONS:
+                raise ValueError(f"unknown perturbation {mode!r} for {name}; valid: {PERTURBATIONS}")

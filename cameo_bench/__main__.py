@@ -1,0 +1,34 @@
+"""`cameo-bench` command line: one subcommand per job, each implemented in its own module.
+
+Subcommand modules expose `add_arguments(parser)` and `run(args) -> int`; they are imported lazily
+so `cameo-bench layers` does not pay for MLflow and `data` does not pay for the engine.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, help)
+COMMANDS = {
+    "data": ("cameo_bench.data.cli", "write synthetic scenes or convert real datasets to scene folders"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cameo-bench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
