@@ -40,13 +40,16 @@ def multiview_attention(
         out = rearrange(out, "(b v) H n d -> b H (v n) d", v=num_views)
 
     if state is not None and state.request is not None and state.request.layer == layer_name:
+        # The gather runs again when gradient checkpointing recomputes this layer, even though the
+        # result is discarded: non-reentrant checkpointing needs the recomputation to save the
+        # same tensors as the forward (the gather's index), or the tap's backward fails.
+        req = state.request
+        if req.query_idx is None:
+            query_idx = torch.arange(N, device=q.device).expand(B, N)
+        else:
+            query_idx = req.query_idx.to(q.device)
+        q_sel = torch.gather(q, 2, query_idx[:, None, :, None].expand(B, H, -1, d))  # [B,H,Qs,d]
         if state.result is None:  # write-once: checkpoint recomputation must not overwrite
-            req = state.request
-            if req.query_idx is None:
-                query_idx = torch.arange(N, device=q.device).expand(B, N)
-            else:
-                query_idx = req.query_idx.to(q.device)
-            q_sel = torch.gather(q, 2, query_idx[:, None, :, None].expand(B, H, -1, d))  # [B,H,Qs,d]
             features = rearrange(out, "b H n d -> b n (H d)") if req.want_features else None
             state.result = TapResult(
                 q=q_sel, k=k, scale=scale, grid=grid, query_idx=query_idx,

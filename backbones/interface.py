@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -103,11 +105,43 @@ PERTURBATIONS = ("identity",)
 
 class MultiViewBackbone:
     """Mixin with the shared parts of the contract; concrete classes also subclass
-    diffusers `ModelMixin` + `ConfigMixin` and implement `forward` and `attention_layers`.
+    diffusers `ModelMixin` + `ConfigMixin` and implement `forward`, `attention_layers` and
+    `attention_module`.
+
+    `per_view_config` holds the config overrides under which every attention layer is per-view
+    (the "no 3D attention" ablation); the registry-wide contract tests build it to check that
+    nothing outside attention mixes views.
     """
+
+    per_view_config: ClassVar[dict[str, Any] | None] = None
 
     def attention_layers(self) -> list[AttentionLayer]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def attention_module(self, name: str) -> nn.Module:  # pragma: no cover - abstract
+        """The module whose projections feed attention layer `name`.
+
+        Lets tests and analyses recompute a layer's attention naively without knowing the
+        architecture. The module has diffusers `Attention` attribute names: `to_q`, `to_k`,
+        `to_v` (`nn.Linear`, heads concatenated as `(heads head_dim)`), `norm_q`, `norm_k`
+        (per-head norms over head_dim, or None). It is called exactly once per forward (a
+        checkpointed backward recomputes it once more) with the tokens the projections read as
+        its first argument (positional or `hidden_states=`), either `[B, V*h*w, C]` or
+        `[(B V), h*w, C]`, view-major in both cases.
+        Raise `UnknownLayerError` for unknown names.
+        """
+        raise NotImplementedError
+
+    def input_embedding(self) -> nn.Module:
+        """The module that first reads x_t (`conv_in` of a UNet, the patch embed of a DiT).
+
+        The tap's gradient must reach it; the default finds a submodule named `conv_in` or
+        `patch_embed` (at any depth), backbones with other names override this.
+        """
+        for name, module in self.named_modules():  # type: ignore[attr-defined]
+            if name.rsplit(".", 1)[-1] in ("conv_in", "patch_embed"):
+                return module
+        raise NotImplementedError(f"{type(self).__name__} must override input_embedding()")
 
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self.attention_layers()]

@@ -1,0 +1,360 @@
+"""CAT3D-style multi-view UNet on diffusers blocks.
+
+A Stable-Diffusion UNet whose self-attention layers run through `multiview_attention`: lower
+levels attend over every view's tokens (3D), the top level within each view, as in the CAT3D*
+re-implementation CAMEO trains on (MVGenMaster). Text cross-attention is removed; cameras enter as
+per-view Plücker raymaps + the reference/target mask, either through a zero-initialised conv
+encoder added after `conv_in` (the official recipe, default) or concatenated to the input (the
+CAT3D paper). The stock `UNet2DConditionModel` builds the blocks and keeps SD weight names, so
+`from_sd_checkpoint` can load a Stable-Diffusion UNet folder by renaming nothing.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
+from diffusers.configuration_utils import register_to_config
+from einops import rearrange
+from torch import nn
+
+from backbones import UnknownNameError, register_backbone
+from backbones.attention import multiview_attention
+from backbones.camera import CameraEncoder, camera_conditioning
+from backbones.interface import AttentionLayer, BackboneOutput, MultiViewBackbone, TapRequest, TapState
+
+CAMERA_CHANNELS = 7  # 6 Plücker + 1 reference/target mask
+# attn2 is built only because diffusers 0.42.1 raises on cross_attention_dim=None; it is deleted
+# right after construction, so the width is irrelevant (kept small to save memory).
+_DUMMY_CROSS_ATTENTION_DIM = 8
+_TEXT_ATTENTION = re.compile(r"\.transformer_blocks\.\d+\.(attn2|norm2)\.")  # resnets have a norm2 too
+
+PRESETS = {
+    # unit tests: per-view top level (16 px) and a 3D lower level, so both kinds are exercised
+    "micro": dict(
+        block_out_channels=(16, 32), layers_per_block=1, num_heads=(1, 2),
+        attention_levels=(True, True), cross_view_levels=(False, True),
+        norm_num_groups=8, camera_hidden=16,
+    ),
+    # CPU benchmark (notes/backbones.md §5.2): no top-level attention, 3D at 16/8 px for 32 px input
+    "tiny": dict(
+        block_out_channels=(32, 64, 64), layers_per_block=1, num_heads=(2, 2, 2),
+        attention_levels=(False, True, True), cross_view_levels=(False, True, True),
+        norm_num_groups=16, camera_hidden=32,
+    ),
+    "small": dict(
+        block_out_channels=(64, 128, 128), layers_per_block=2, num_heads=(4, 4, 4),
+        attention_levels=(False, True, True), cross_view_levels=(False, True, True),
+        norm_num_groups=32, camera_hidden=64,
+    ),
+    # SD-2.1 layout (CAT3D*/CAMEO): 16 self-attention layers, head_dim 64, per-view at 64x64 only
+    "sd21": dict(
+        in_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        num_heads=(5, 10, 20, 20), attention_levels=(True, True, True, False),
+        cross_view_levels=(False, True, True, True), norm_num_groups=32, camera_hidden=256,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _ForwardContext:
+    """What every processor needs from one forward call.
+
+    It travels as an explicitly named processor kwarg (diffusers drops unnamed ones) rather than
+    as processor state, because gradient checkpointing re-runs the attention during backward, after
+    the forward has returned: the recomputation must see the same perturbation and tap state.
+    """
+
+    state: TapState
+    height: int  # input H, W in pixels: a layer's grid is (H / stride, W / stride)
+    width: int
+
+
+class MultiViewAttnProcessor:
+    """diffusers processor: SD's attn1 weights, the project's multi-view attention."""
+
+    def __init__(self, layer_name: str, cross_view: bool, stride: int):
+        self.layer_name, self.cross_view, self.stride = layer_name, cross_view, stride
+
+    def __call__(
+        self,
+        attn: nn.Module,
+        hidden_states: torch.Tensor,  # [(B V), h*w, C]
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        mv_context: _ForwardContext | None = None,
+    ) -> torch.Tensor:
+        if mv_context is None:
+            raise RuntimeError(
+                f"{self.layer_name}: no multi-view context; call the MultiViewUNet, not its inner UNet"
+            )
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError(f"{self.layer_name}: self-attention only, got encoder states or a mask")
+        num_views = mv_context.state.num_views
+        h, w = mv_context.height // self.stride, mv_context.width // self.stride
+
+        q, k, v = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        q, k, v = (
+            rearrange(x, "(b v) n (H d) -> b H (v n) d", v=num_views, H=attn.heads) for x in (q, k, v)
+        )  # [B, H, V*h*w, d] view-major
+        if attn.norm_q is not None:  # per-head LayerNorm over d, as diffusers' qk_norm="layer_norm"
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        out = multiview_attention(
+            q, k, v, grid=(num_views, h, w), cross_view=self.cross_view,
+            layer_name=self.layer_name, state=mv_context.state,
+        )  # [B, H, V*h*w, d]
+        out = rearrange(out, "b H (v n) d -> (b v) n (H d)", v=num_views)
+        return attn.to_out[1](attn.to_out[0](out))  # linear, dropout
+
+
+def _per_level(value, levels: int, key: str) -> tuple:
+    values = tuple(value) if isinstance(value, (list, tuple)) else (value,) * levels
+    if len(values) != levels:
+        raise ValueError(f"{key} needs one entry per level ({levels}), got {values}")
+    return values
+
+
+@register_backbone("mv_unet", presets=PRESETS, default_preset="tiny")
+class MultiViewUNet(ModelMixin, ConfigMixin, MultiViewBackbone):
+    """CAT3D-style UNet: SD blocks, 3D self-attention below the top level, camera raymaps.
+
+    Per-level config lists run from the top (full resolution) level down; the mid block follows the
+    lowest level's `cross_view_levels` entry. `num_heads` is the number of heads per level (the
+    value SD configs store under the misleading name `attention_head_dim`).
+    """
+
+    _supports_gradient_checkpointing = True
+    per_view_config = {"cross_view_levels": False}  # every level, and the mid block, per-view
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        block_out_channels: tuple[int, ...] = (32, 64, 64),
+        layers_per_block: int = 1,
+        num_heads: int | tuple[int, ...] = 2,
+        attention_levels: tuple[bool, ...] = (False, True, True),
+        cross_view_levels: tuple[bool, ...] = (False, True, True),
+        norm_num_groups: int = 32,
+        qk_norm: bool = True,
+        camera_injection: str = "add",
+        camera_hidden: int = 32,
+        use_linear_projection: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        levels = len(block_out_channels)
+        heads = _per_level(num_heads, levels, "num_heads")
+        attention_levels = _per_level(attention_levels, levels, "attention_levels")
+        cross_view_levels = _per_level(cross_view_levels, levels, "cross_view_levels")
+        for level, (channels, n_heads) in enumerate(zip(block_out_channels, heads)):
+            if channels % norm_num_groups:
+                raise ValueError(
+                    f"norm_num_groups={norm_num_groups} does not divide block_out_channels[{level}]={channels}"
+                )
+            if channels % n_heads:
+                raise ValueError(f"num_heads[{level}]={n_heads} does not divide {channels} channels")
+        if camera_injection not in ("add", "concat"):
+            raise ValueError(f"camera_injection must be 'add' or 'concat', got {camera_injection!r}")
+
+        out_channels = in_channels if out_channels is None else out_channels
+        self.unet = UNet2DConditionModel(
+            sample_size=None,
+            in_channels=in_channels + (CAMERA_CHANNELS if camera_injection == "concat" else 0),
+            out_channels=out_channels,
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention_levels[::-1]),
+            block_out_channels=tuple(block_out_channels),
+            layers_per_block=layers_per_block,
+            attention_head_dim=heads,  # diffusers quirk: this is the number of heads
+            cross_attention_dim=_DUMMY_CROSS_ATTENTION_DIM,
+            norm_num_groups=norm_num_groups,
+            use_linear_projection=use_linear_projection,
+            dropout=dropout,
+        )
+        self.camera_encoder = (
+            CameraEncoder(CAMERA_CHANNELS, block_out_channels[0], downsample=1, hidden=camera_hidden)
+            if camera_injection == "add" else None
+        )
+        self._layers, self._layer_paths = self._inflate_attention(heads, cross_view_levels, qk_norm)
+
+    def _inflate_attention(self, heads, cross_view_levels, qk_norm):
+        """Drop text cross-attention, add q/k norm, install the multi-view processor per layer.
+
+        Names follow forward execution order (resnet -> attention inside each block; down, mid,
+        up), which is also the order of `attentions[j].transformer_blocks[t]` inside a block.
+        """
+        levels = len(heads)
+        sites = [(f"down.{i:02d}", f"unet.down_blocks.{i}", i) for i in range(levels)]
+        sites.append(("mid", "unet.mid_block", levels - 1))
+        sites += [(f"up.{i:02d}", f"unet.up_blocks.{i}", levels - 1 - i) for i in range(levels)]
+
+        layers, paths = [], {}
+        for prefix, block_path, level in sites:
+            block = self.get_submodule(block_path)
+            j = 0
+            for a, transformer in enumerate(getattr(block, "attentions", None) or []):
+                for t, basic in enumerate(transformer.transformer_blocks):
+                    basic.attn2, basic.norm2 = None, None  # no text: the block then skips cross-attention
+                    attn = basic.attn1
+                    head_dim = attn.inner_dim // attn.heads
+                    if qk_norm:
+                        attn.norm_q, attn.norm_k = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)
+                    name = f"{prefix}.attn.{j:02d}"
+                    cross_view = bool(cross_view_levels[level])
+                    attn.set_processor(MultiViewAttnProcessor(name, cross_view, stride=2**level))
+                    layers.append(AttentionLayer(
+                        name=name, cross_view=cross_view, num_heads=attn.heads, head_dim=head_dim,
+                        stride=2**level, index=len(layers),
+                    ))
+                    paths[name] = f"{block_path}.attentions.{a}.transformer_blocks.{t}.attn1"
+                    j += 1
+        return layers, paths
+
+    # ---- the contract -------------------------------------------------------------------------
+    def attention_layers(self) -> list[AttentionLayer]:
+        return list(self._layers)
+
+    def attention_module(self, name: str) -> nn.Module:
+        """The diffusers `Attention` behind a layer name (holds to_q/to_k/to_v/norm_q/norm_k/to_out)."""
+        self.get_attention_layer(name)  # raises with the valid names
+        return self.get_submodule(self._layer_paths[name])
+
+    def forward(
+        self,
+        x_t: torch.Tensor,  # [B, V, C, H, W]
+        t: torch.Tensor,  # [B], one timestep per scene
+        *,
+        cam2world: torch.Tensor,  # [B, V, 4, 4]
+        intrinsics: torch.Tensor,  # [B, V, 3, 3], pixels of this H x W
+        cond_mask: torch.Tensor,  # [B, V], 0 = reference, 1 = target
+        tap: TapRequest | None = None,
+        perturb: dict[str, str] | None = None,
+    ) -> BackboneOutput:
+        self._check_inputs(x_t, t, cam2world, intrinsics, cond_mask)
+        self.check_tap_and_perturb(tap, perturb)
+        B, V, _, H, W = x_t.shape
+        state = TapState(num_views=V, request=tap, perturb=dict(perturb or {}))
+        kwargs = {"mv_context": _ForwardContext(state, H, W)}
+        unet = self.unet
+
+        cam = camera_conditioning(intrinsics, cam2world, cond_mask, H, W).to(x_t.dtype)  # [B, V, 7, H, W]
+        cam = rearrange(cam, "b v c h w -> (b v) c h w")
+        x = rearrange(x_t, "b v c h w -> (b v) c h w")
+        if self.camera_encoder is None:
+            x = torch.cat([x, cam], dim=1)  # [(B V), C + 7, H, W]
+        sample = unet.conv_in(x)  # [(B V), C0, H, W]
+        if self.camera_encoder is not None:
+            sample = sample + self.camera_encoder(cam)
+
+        t = t.to(x_t.device).repeat_interleave(V)  # [(B V)]: the scene's timestep for each view
+        temb = unet.time_embedding(unet.time_proj(t).to(x_t.dtype))  # [(B V), 4 C0]
+
+        skips = (sample,)
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, res = block(hidden_states=sample, temb=temb, cross_attention_kwargs=kwargs)
+            else:
+                sample, res = block(hidden_states=sample, temb=temb)
+            skips += res
+        sample = unet.mid_block(sample, temb, cross_attention_kwargs=kwargs)
+        for block in unet.up_blocks:
+            res, skips = skips[-len(block.resnets):], skips[: -len(block.resnets)]
+            if getattr(block, "has_cross_attention", False):
+                sample = block(hidden_states=sample, temb=temb, res_hidden_states_tuple=res,
+                               cross_attention_kwargs=kwargs)
+            else:
+                sample = block(hidden_states=sample, temb=temb, res_hidden_states_tuple=res)
+        sample = unet.conv_out(unet.conv_act(unet.conv_norm_out(sample)))  # [(B V), C_out, H, W]
+
+        sample = rearrange(sample, "(b v) c h w -> b v c h w", v=V)
+        return BackboneOutput(sample=sample, tap=state.result)
+
+    def _check_inputs(self, x_t, t, cam2world, intrinsics, cond_mask) -> None:
+        if x_t.ndim != 5:
+            raise ValueError(f"x_t must have shape [B, V, C, H, W], got {tuple(x_t.shape)}")
+        B, V, C, H, W = x_t.shape
+        if C != self.config.in_channels:
+            raise ValueError(f"x_t has {C} channels, the model expects in_channels={self.config.in_channels}")
+        factor = 2 ** (len(self.config.block_out_channels) - 1)
+        if H % factor or W % factor:
+            raise ValueError(f"x_t spatial size {H}x{W} must be divisible by {factor} (one halving per level)")
+        expected = {"t": (B,), "cam2world": (B, V, 4, 4), "intrinsics": (B, V, 3, 3), "cond_mask": (B, V)}
+        for key, value in zip(expected, (t, cam2world, intrinsics, cond_mask)):
+            if tuple(value.shape) != expected[key]:
+                raise ValueError(f"{key} must have shape {list(expected[key])}, got {list(value.shape)}")
+
+    # ---- Stable Diffusion initialisation ------------------------------------------------------
+    @classmethod
+    def from_sd_checkpoint(cls, local_folder: str | Path, preset: str = "sd21", **overrides) -> "MultiViewUNet":
+        """Build `preset` (+ overrides) and load a local Stable-Diffusion UNet into it.
+
+        Attention is "inflated" to 3D by the processor alone, so every pretrained weight is reused
+        as is. Text cross-attention weights (attn2/norm2) are dropped; q/k norms and the camera
+        encoder keep their init (the encoder's last conv is zero, so it starts as a no-op). With
+        concat injection the pretrained conv_in kernel fills the first input channels and the 7
+        camera channels start at zero. Either way cameras start with no effect; with every level
+        per-view and `qk_norm=False` the model then computes exactly the pretrained UNet per view
+        (tested), while 3D levels and fresh q/k norms are what fine-tuning has to adapt to.
+        """
+        if preset not in PRESETS:
+            raise UnknownNameError("preset of backbone 'mv_unet'", preset, list(PRESETS))
+        model = cls(**{**PRESETS[preset], **overrides})
+        pretrained = _load_sd_unet_state_dict(Path(local_folder))
+        pretrained = {k: v for k, v in pretrained.items() if not _TEXT_ATTENTION.search(k)}
+        own = model.unet.state_dict()
+
+        unexpected = sorted(set(pretrained) - set(own))
+        fresh = {k for k in own if k not in pretrained}
+        missing = sorted(k for k in fresh if not k.endswith((".norm_q.weight", ".norm_q.bias",
+                                                                ".norm_k.weight", ".norm_k.bias")))
+        if unexpected or missing:
+            raise ValueError(
+                f"{local_folder}: SD UNet does not match preset {preset!r}: "
+                f"unexpected keys {unexpected[:10]}, missing keys {missing[:10]}"
+            )
+        mismatched = [
+            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+            for k, v in pretrained.items() if v.shape != own[k].shape and k != "conv_in.weight"
+        ]
+        if mismatched:
+            raise ValueError(f"{local_folder}: shape mismatch for preset {preset!r}: {mismatched[:10]}")
+
+        conv_in = pretrained.pop("conv_in.weight")  # [C0, C_sd, 3, 3]
+        widened = torch.zeros_like(own["conv_in.weight"])  # [C0, C_sd (+ 7), 3, 3]
+        if conv_in.shape[1] != model.config.in_channels or conv_in.shape[0] != widened.shape[0]:
+            raise ValueError(
+                f"{local_folder}: conv_in.weight {tuple(conv_in.shape)} does not fit in_channels="
+                f"{model.config.in_channels}, {widened.shape[0]} output channels"
+            )
+        widened[:, : conv_in.shape[1]] = conv_in
+        pretrained["conv_in.weight"] = widened
+        model.unet.load_state_dict(pretrained, strict=False)  # only the q/k norms stay at their init
+        return model
+
+
+def _load_sd_unet_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Read a diffusers-layout UNet (a UNet folder or a pipeline folder with `unet/`), no network."""
+    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+    if not (unet_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: no config.json here or in {folder / 'unet'}")
+    single = unet_dir / "diffusion_pytorch_model.safetensors"
+    index = unet_dir / "diffusion_pytorch_model.safetensors.index.json"
+    legacy = unet_dir / "diffusion_pytorch_model.bin"
+    if single.is_file():
+        from safetensors.torch import load_file
+
+        return load_file(single)
+    if index.is_file():
+        from safetensors.torch import load_file
+
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return {k: v for shard in shards for k, v in load_file(unet_dir / shard).items()}
+    if legacy.is_file():
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{unet_dir}: no diffusion_pytorch_model.safetensors / .bin / sharded index")
