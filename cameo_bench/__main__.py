@@ -11,6 +11,9 @@ import sys
 
 # subcommand -> (module, help)
 COMMANDS = {
+    "train": ("cameo_bench.cli.train", "train one experiment from gin files"),
+    "layers": ("cameo_bench.cli.layers", "list a backbone's attention layers (names for taps and sweeps)"),
+    "eval": ("cameo_bench.cli.evaluate", "evaluate a trained run (NVS quality, attention correspondence)"),
     "data": ("cameo_bench.data.cli", "write synthetic scenes or convert real datasets to scene folders"),
 }
 

@@ -1,0 +1,49 @@
+"""`cameo-bench eval RUN_DIR|CHECKPOINT [--perturb] [--gin_param ...]`: evaluate a trained run.
+
+The run folder holds the operative gin config written at training time, so the experiment (data,
+backbone, diffusion settings) is rebuilt exactly; bindings given here override it (e.g. more
+eval scenes or sampler steps).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a run folder or a checkpoint file inside <run>/checkpoints/")
+    parser.add_argument("--gin_param", "--gin-param", action="append", default=[])
+    parser.add_argument("--perturb", action="store_true",
+                        help="also measure the quality drop when each layer's attention is replaced by identity")
+    parser.add_argument("--output", default=None, help="write metrics JSON here (default: <run>/eval.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cameo_bench import checkpoint, config
+    from cameo_bench.evaluation import evaluate, perturbation_analysis
+    from cameo_bench.train import Trainer
+
+    path = pathlib.Path(args.checkpoint)
+    run_dir = path if path.is_dir() else path.parent.parent
+    ckpt_file = path if path.is_file() else run_dir / "checkpoints" / checkpoint.LATEST
+    gin_file = run_dir / "config.gin"
+    if not gin_file.exists():
+        print(f"error: {gin_file} not found; is {run_dir} a cameo-bench run folder?", file=sys.stderr)
+        return 2
+    exp = config.parse([gin_file], args.gin_param)
+    exp.output_dir, exp.name = str(run_dir.parent), run_dir.name
+    exp.train.progress = False
+    trainer = Trainer(exp, resume=False)
+    trainer._load(checkpoint.load(ckpt_file))
+    model = trainer.ema.module if trainer.ema is not None else trainer.model
+    batches = list(trainer.eval_batches())
+    metrics = evaluate(model, trainer.diffusion, batches, exp.eval, seed=exp.seed, supervised_layer=trainer.layer)
+    if args.perturb:
+        metrics.update(perturbation_analysis(model, trainer.diffusion, batches, exp.eval, seed=exp.seed))
+    metrics["step"] = trainer.state.step
+    out = pathlib.Path(args.output) if args.output else run_dir / "eval.json"
+    out.write_text(json.dumps(metrics, indent=1, sort_keys=True))
+    print(json.dumps(metrics, indent=1, sort_keys=True))
+    return 0

@@ -1,0 +1,62 @@
+"""`cameo-bench report --experiment NAME`: convergence report of an MLflow experiment (one sweep)."""
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", required=True, help="MLflow experiment name (a sweep's experiment)")
+    parser.add_argument("--tracking-uri", default=None,
+                        help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
+    parser.add_argument("--out", default="reports", help="parent folder; the report goes to OUT/NAME/")
+    parser.add_argument("--name", default=None, help="report folder name (default: the experiment name)")
+    parser.add_argument("--fractions", default="0.5,0.75,0.9,1.0",
+                        help="speed-up thresholds as fractions of the way from the baseline's first to final value")
+    parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the confidence intervals")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (the report is deterministic given it)")
+    parser.add_argument("--include-running", action="store_true",
+                        help="also use runs still RUNNING (partial curves; compared on their common steps)")
+
+
+def regenerate_command(args: argparse.Namespace) -> str:
+    """The command line that rebuilds this report, with only the options that were changed."""
+    parts = ["cameo-bench", "report", "--experiment", args.experiment]
+    defaults = {"tracking_uri": None, "out": "reports", "name": None, "fractions": "0.5,0.75,0.9,1.0",
+                "bootstrap": 2000, "seed": 0, "include_running": False}
+    for key, default in defaults.items():
+        value = getattr(args, key)
+        if value != default:
+            flag = "--" + key.replace("_", "-")
+            parts += [flag] if value is True else [flag, str(value)]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cameo_bench.report import build_report
+    from cameo_bench.tracking import default_tracking_uri, load_runs
+
+    try:
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+    except ValueError:
+        print(f"error: --fractions {args.fractions!r} is not a comma-separated list of numbers", file=sys.stderr)
+        return 2
+    uri = args.tracking_uri or default_tracking_uri()
+    try:
+        runs = load_runs(args.experiment, uri)
+    except KeyError as err:
+        print(f"error: {err.args[0]}", file=sys.stderr)
+        return 2
+    name = args.name or re.sub(r"[^A-Za-z0-9._-]+", "_", args.experiment)
+    statuses = ("FINISHED", "RUNNING") if args.include_running else ("FINISHED",)
+    try:
+        report = build_report(runs, f"{args.out}/{name}", experiment=args.experiment, command=regenerate_command(args),
+                              fractions=fractions, n_boot=args.bootstrap, seed=args.seed, statuses=statuses,
+                              source=args.tracking_uri)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {report.out_dir / 'report.md'} ({len(report.files)} files, {len(report.comparisons)} comparisons)")
+    return 0

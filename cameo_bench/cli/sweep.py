@@ -1,0 +1,50 @@
+"""`cameo-bench sweep SWEEP.gin [--dry-run] [--executor local|slurm] [--workers N]`.
+
+Exit codes: 0 all trials finished (or were already), 1 some trials failed (listed at the end),
+2 the sweep file is invalid.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep_file", help="sweep gin file (see gin/sweeps/)")
+    parser.add_argument("--dry-run", action="store_true", help="print the trials and their count, run nothing")
+    parser.add_argument("--executor", choices=("local", "slurm"), default=None,
+                        help="override sweep.executor (local: process pool; slurm: submitit)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="local pool size (override sweep.workers); 0 = one by one in this process")
+    parser.add_argument("--cluster", choices=("slurm", "local", "debug"), default=None,
+                        help="submitit backend for --executor slurm (default: detected); local/debug run here")
+    parser.add_argument("--fixed", action="append", default=[], metavar="BINDING",
+                        help="extra binding for every trial, e.g. --fixed 'train.steps = 20' (changes trial ids)")
+    parser.add_argument("--gin_param", "--gin-param", action="append", default=[], metavar="BINDING",
+                        help="override a sweep.* value, e.g. --gin_param 'sweep.workers = 4'")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cameo_bench import sweep
+
+    try:
+        spec = sweep.load(args.sweep_file, args.gin_param)
+        spec.fixed = list(spec.fixed) + list(args.fixed)
+        plan = sweep.plan(spec)
+    except sweep.SweepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(sweep.describe(plan))
+        return 0
+    if args.workers is not None and args.workers < 0:
+        print("error: --workers must be >= 0", file=sys.stderr)
+        return 2
+    slurm = {"cluster": args.cluster} if args.cluster else None
+    results = sweep.run(plan, executor=args.executor, workers=args.workers, uri=args.tracking_uri, slurm=slurm)
+    report = sweep.failure_report(plan, results)
+    if report:
+        print(report, file=sys.stderr)
+        return 1
+    return 0
