@@ -1,0 +1,123 @@
+"""Evaluation metrics against hand-built cases: analytic token ground truth, perfect and shifted
+attention, PSNR formula, LPIPS reported as unavailable, identity-perturbation analysis."""
+import logging
+import math
+import types
+
+import pytest
+import torch
+
+from backbones import create_backbone
+from cameo_bench import evaluation as E
+from cameo_bench.diffusion import MultiViewDiffusion
+from cameo_bench.spec import EvalSpec
+
+
+def plane_batch(V=3, H=16, W=16, f=16.0, Z=4.0, shift_px=2.0):
+    """A fronto-parallel plane at depth Z; camera v sits at x = v*b so that each view sees the
+    plane shifted by exactly -shift_px pixels per view (disparity f b / Z = shift_px)."""
+    b = shift_px * Z / f
+    K = torch.tensor([[f, 0, (W - 1) / 2], [0, f, (H - 1) / 2], [0, 0, 1.0]])
+    c2w = torch.eye(4).repeat(V, 1, 1)
+    c2w[:, 0, 3] = torch.arange(V) * b
+    return {
+        "image": torch.rand(1, V, 3, H, W),
+        "depth": torch.full((1, V, H, W), Z),
+        "intrinsics": K.expand(1, V, 3, 3).clone(),
+        "cam2world": c2w[None],
+        "num_ref": 1,
+    }
+
+
+def test_token_ground_truth_matches_analytic_disparity():
+    stride = 2
+    batch = plane_batch(shift_px=2.0)  # one token per view step
+    grid = (3, 8, 8)
+    xy, valid, angle = E.token_ground_truth(batch, grid, stride)
+    ys, xs = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+    expected = torch.stack([xs, ys], -1).reshape(64, 2)
+    # view 0 -> view 1: camera moved +x by one token, points move -1 token in x
+    ok = valid[0, 0, 1]
+    assert ok.sum() == 56  # the first token column leaves the image
+    assert torch.allclose(xy[0, 0, 1][ok], (expected + torch.tensor([-1.0, 0.0]))[ok], atol=1e-4)
+    assert torch.allclose(xy[0, 0, 2][valid[0, 0, 2]], (expected + torch.tensor([-2.0, 0.0]))[valid[0, 0, 2]], atol=1e-4)
+    assert not valid[0, 1, 1].any() and torch.allclose(angle, torch.zeros(1, 3, 3), atol=1e-3)
+
+
+def fake_tap(grid, target_xy, valid, shift=(0, 0), heads=2, sharp=50.0):
+    """A tap whose logits peak at the ground truth (plus a token shift): q_n . k_m is large only
+    when key m is the (shifted) target of query n."""
+    V, h, w = grid
+    n = h * w
+    N = V * n
+    # one-hot "positions": key m of view j has feature e_{j*n+m}; query n of view i gets the sum of
+    # the features of its targets in every other view
+    k = torch.eye(N)[None, None].repeat(1, heads, 1, 1) * sharp  # [1, H, N, N]
+    q = torch.zeros(1, heads, N, N)
+    for i in range(V):
+        for j in range(V):
+            if i == j:
+                continue
+            for p in range(n):
+                if not valid[0, i, j, p]:
+                    continue
+                x, y = target_xy[0, i, j, p].round().long().tolist()
+                x, y = min(max(x + shift[0], 0), w - 1), min(max(y + shift[1], 0), h - 1)
+                q[0, :, i * n + p, j * n + y * w + x] = 1.0
+    return types.SimpleNamespace(q=q, k=k, scale=1.0 * heads)  # head-mean cancels heads
+
+
+def test_attention_scores_perfect_and_shifted():
+    batch = plane_batch()
+    grid = (3, 8, 8)
+    xy, valid, angle = E.token_ground_truth(batch, grid, 2)
+    perfect = E.summarise_attention(E.attention_scores(fake_tap(grid, xy, valid), grid, xy, valid, angle), "a")
+    assert perfect["a/pck@0.5"] == 1.0 and perfect["a/epe"] < 1e-4 and perfect["a/mass1"] > 0.99
+    assert perfect["a/pck@1/0-30"] == 1.0
+    shifted = E.summarise_attention(E.attention_scores(fake_tap(grid, xy, valid, shift=(0, 1)), grid, xy, valid, angle), "a")
+    # one token off in y (clamped at the border for the last row): pck@0.5 drops, pck@1 holds
+    assert shifted["a/pck@0.5"] < 0.2 and shifted["a/pck@1"] == 1.0
+    assert shifted["a/mass1"] > 0.99  # the peak is within one token of the truth
+
+
+def test_psnr_matches_formula():
+    gt = torch.rand(4, 3, 16, 16)
+    pred = (gt + 0.05 * torch.randn_like(gt)).clamp(0, 1)
+    mse = ((pred - gt) ** 2).flatten(1).mean(1)
+    metrics = E.image_metrics(pred, gt)
+    assert torch.allclose(metrics["psnr"], 10 * torch.log10(1 / mse), atol=1e-4)
+    assert torch.all(E.image_metrics(gt, gt)["ssim"] > 0.999)
+
+
+def test_lpips_without_weights_is_reported_once_and_not_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    monkeypatch.setattr(E.LpipsScorer, "_warned", set())
+    with caplog.at_level(logging.WARNING):
+        scorers = [E.LpipsScorer("vgg"), E.LpipsScorer("vgg"), E.LpipsScorer("alex")]
+    assert not any(s.available for s in scorers)
+    assert sum("LPIPS-vgg unavailable" in r.message for r in caplog.records) == 1
+
+
+def test_consistency_of_ground_truth_images_is_small_on_a_plane():
+    batch = plane_batch(shift_px=2.0)
+    # a texture that moves with the plane: view v is view 0 shifted by -2v pixels
+    base = torch.rand(1, 3, 16, 24)
+    batch["image"] = torch.stack([base[..., 2 * v:2 * v + 16] for v in range(3)], 1)
+    err = E.warp_error(batch["image"], batch, [(1, 2), (2, 1)])
+    assert err.numel() > 0 and err.max() < 1e-5
+
+
+def test_evaluate_and_perturbation_analysis_on_micro_dit():
+    torch.manual_seed(0)
+    model = create_backbone("mv_dit", "micro", sample_size=16)
+    for p in model.parameters():  # the zero-initialised output would make every layer irrelevant
+        p.data.add_(0.05 * torch.randn_like(p))
+    diffusion = MultiViewDiffusion()
+    batch = plane_batch()
+    spec = EvalSpec(sampler_steps=2, lpips=False)
+    metrics = E.evaluate(model, diffusion, [batch], spec, supervised_layer="blocks.01.attn")
+    assert math.isfinite(metrics["eval/psnr"]) and "attn/blocks.00.attn/pck@1" in metrics
+    assert metrics["attn/supervised/pck@1"] == metrics["attn/blocks.01.attn/pck@1"]
+    drops = E.perturbation_analysis(model, diffusion, [batch], spec)
+    assert {"perturb/blocks.00.attn/psnr_drop", "perturb/blocks.01.attn/psnr_drop"} <= set(drops)
+    assert any(abs(v) > 1e-6 for k, v in drops.items() if k.endswith("psnr_drop"))
