@@ -17,6 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="speed-up thresholds as fractions of the way from the baseline's first to final value")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the confidence intervals")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (the report is deterministic given it)")
+    parser.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib figures)")
     parser.add_argument("--include-running", action="store_true",
                         help="also use runs still RUNNING (partial curves; compared on their common steps)")
 
@@ -25,7 +26,7 @@ def regenerate_command(args: argparse.Namespace) -> str:
     """The command line that rebuilds this report, with only the options that were changed."""
     parts = ["cameo-bench", "report", "--experiment", args.experiment]
     defaults = {"tracking_uri": None, "out": "reports", "name": None, "fractions": "0.5,0.75,0.9,1.0",
-                "bootstrap": 2000, "seed": 0, "include_running": False}
+                "bootstrap": 2000, "seed": 0, "include_running": False, "no_plots": False}
     for key, default in defaults.items():
         value = getattr(args, key)
         if value != default:
@@ -54,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = build_report(runs, f"{args.out}/{name}", experiment=args.experiment, command=regenerate_command(args),
                               fractions=fractions, n_boot=args.bootstrap, seed=args.seed, statuses=statuses,
-                              source=args.tracking_uri)
+                              source=args.tracking_uri, draw=not args.no_plots)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,324 @@
+"""Assemble a convergence report: `reports/<name>/report.md`, its PNGs and `sources.json`.
+
+Everything is computed from `RunRecord`s (plain data), so the numbers can be checked without MLflow;
+`cameo_bench.tracking.load_runs` is the one place that reads them from a tracking store.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import pathlib
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cameo_bench.report import plots
+from cameo_bench.report.curves import DEFAULT_FRACTIONS, Comparison, compare
+from cameo_bench.report.runs import SUPERVISED, Grouping, Variant, group_runs, seed_of
+from cameo_bench.tracking import RunRecord
+
+DEFAULT_METRICS = ("eval/psnr", "eval/ssim", "eval/lpips_vgg", "attn/supervised/pck@1")
+PRIMARY = "eval/psnr"  # the metric of the sweep tables' speed-up column (the paper's "2x" is on PSNR)
+FIGURES = ("curves_*.png", "speedup_*.png", "profile_*.png")
+_LAYER_PCK = re.compile(r"^attn/(?P<layer>.+)/pck@1$")
+_BIN = re.compile(r"^attn/(?P<layer>.+)/pck@1/(?P<bin>\d+(?:-\d+|\+))$")
+
+
+@dataclass
+class Report:
+    out_dir: pathlib.Path
+    grouping: Grouping
+    comparisons: dict[tuple[int, str], Comparison]  # (index into grouping.variants, metric) -> result
+    files: list[pathlib.Path] = field(default_factory=list)
+    skipped: list[tuple[RunRecord, str]] = field(default_factory=list)
+
+    def of(self, variant: Variant, metric: str) -> Comparison | None:
+        return self.comparisons.get((next(i for i, v in enumerate(self.grouping.variants) if v is variant), metric))
+
+    def comparison(self, label: str, metric: str, backbone: str | None = None) -> Comparison:
+        """Look up a result by variant label (and backbone when labels repeat across backbones)."""
+        for (i, key), comp in self.comparisons.items():
+            v = self.grouping.variants[i]
+            if v.label == label and key == metric and (backbone is None or v.backbone == backbone):
+                return comp
+        raise KeyError(f"no comparison for variant {label!r} on {metric!r}; variants: "
+                       f"{sorted({v.label for v in self.grouping.variants})}")
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting
+
+
+def _num(x: float, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "—"
+    if math.isinf(x):
+        return "∞"
+    return f"{x:.{digits}g}" if abs(x) >= 1000 else f"{x:.{digits}f}"
+
+
+def _speed(x: float) -> str:
+    if math.isnan(x):
+        return "—"
+    return "n.r." if x == 0 else ("∞" if math.isinf(x) else f"{x:.2f}×")
+
+
+def _speed_cell(comp: Comparison, f: int) -> str:
+    lo, hi = comp.speedup_ci[f]
+    ci = "" if math.isnan(lo) else f" [{_speed(lo)}, {_speed(hi)}]"
+    tv = comp.variant_iters[f]
+    iters = f"{comp.base_iters[f]:.0f} → {'n.r.' if math.isnan(tv) else f'{tv:.0f}'}"
+    if comp.speedup[f] == 0:  # never reached: the speed-up is below baseline iterations / last step
+        iters += f", < {comp.base_iters[f] / comp.steps[-1]:.2f}×"
+    return f"{_speed(comp.speedup[f])}{ci} (τ {_num(comp.thresholds[f])}: {iters})"
+
+
+def _ci(point: float, ci: tuple[float, float], digits: int = 3) -> str:
+    return f"{point:+.{digits}f}" + ("" if math.isnan(ci[0]) else f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]")
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
+    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _fraction_name(f: float) -> str:
+    return "final" if f == 1.0 else f"{f:.0%}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the parts
+
+
+def _usable(runs: list[RunRecord], statuses) -> tuple[list[RunRecord], list[tuple[RunRecord, str]]]:
+    """Runs with evaluation metrics and an accepted status; of several runs of one sweep trial (a trial
+    restarted from scratch) only the last one counts, or its seed would be counted twice."""
+    kept, skipped = [], []
+    for run in runs:
+        if not any(k.startswith(("eval/", "attn/")) for k in run.metrics):
+            skipped.append((run, f"no evaluation metrics, status {run.status} (e.g. a sweep's parent run)"))
+        elif run.status not in statuses:
+            skipped.append((run, f"status {run.status}"))
+        else:
+            kept.append(run)
+    latest: dict[tuple[str, str], RunRecord] = {}
+    for run in kept:  # `load_runs` returns runs oldest first
+        if "sweep.trial" in run.tags:
+            latest[run.tags.get("sweep.name", ""), run.tags["sweep.trial"]] = run
+    superseded = [r for r in kept if "sweep.trial" in r.tags
+                  and latest[r.tags.get("sweep.name", ""), r.tags["sweep.trial"]] is not r]
+    skipped += [(r, "superseded by a later run of the same sweep trial") for r in superseded]
+    return [r for r in kept if not any(r is s for s in superseded)], skipped
+
+
+def _layer_order(variants: list[Variant], found: set[str]) -> list[str]:
+    """Layers in forward order: from the tag `attn.layers` (comma-separated, logged by the engine) when
+    present, else by name with numbers compared as numbers (names carry zero-padded indices). Building the
+    backbone to ask it would cost torch and diffusers imports and break on backbones that changed since."""
+    tagged = next((r.tags["attn.layers"] for v in variants for r in v.runs if "attn.layers" in r.tags), "")
+    order = [n for n in tagged.split(",") if n]
+
+    def natural(name: str):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+    return [n for n in order if n in found] + sorted(found - set(order), key=natural)
+
+
+def _final(run: RunRecord, key: str) -> float | None:
+    history = run.metrics.get(key)
+    return history[-1][1] if history else None
+
+
+def _finals(v: Variant, key: str) -> list[float]:
+    return [x for x in (_final(r, key) for r in v.runs) if x is not None]
+
+
+def _convergence_section(backbones, metric: str, out: pathlib.Path, draw: bool) -> tuple[list[str], pathlib.Path | None]:
+    panels = {}
+    for backbone, variants in backbones.items():
+        arms = []
+        layers = sorted({v.layer for v in variants if not v.baseline_arm and v.layer})
+        for v in variants:
+            if v.baseline_arm and metric.startswith(SUPERVISED):
+                for layer in layers:
+                    curves = v.curves(v.key_for(metric, layer))
+                    if curves:
+                        arms.append((f"baseline @ {layer}", True, curves))
+            elif (curves := v.curves(metric)) is not None:
+                arms.append((v.label, v.baseline_arm, curves))
+        if arms:
+            panels[backbone] = arms
+    if not panels or not draw:
+        return [], None
+    path = plots.convergence(panels, metric, out / f"curves_{metric.replace('/', '_').replace('@', '')}.png")
+    return [f"![{metric}]({path.name})", ""], path
+
+
+def _profile_section(backbone: str, variants: list[Variant], out: pathlib.Path,
+                     draw: bool) -> tuple[list[str], list[pathlib.Path]]:
+    found = {m["layer"] for v in variants for r in v.runs for k in r.metrics
+             if (m := _LAYER_PCK.match(k)) and m["layer"] != "supervised"}
+    if not found:
+        return [], []
+    layers = _layer_order(variants, found)
+    arms = [(v.label, [float(np.mean(_finals(v, f"attn/{n}/pck@1")) if _finals(v, f"attn/{n}/pck@1") else math.nan)
+                       for n in layers], v.layer) for v in variants]
+    lines = [f"#### {backbone}: final PCK@1 of every layer (bold = the variant's supervised layer)", ""]
+    rows = [[n] + [f"**{a[1][i]:.3f}**" if a[2] == n else _num(a[1][i]) for a in arms] for i, n in enumerate(layers)]
+    lines += _table(["layer"] + [a[0] for a in arms], rows) + [""]
+    paths = [plots.layer_profile(layers, arms, backbone, out / f"profile_{backbone.replace('/', '_')}.png")] if draw else []
+    lines += [f"![profile {backbone}]({p.name})" for p in paths] + [""]
+    bins = sorted({m["bin"] for v in variants for r in v.runs for k in r.metrics if (m := _BIN.match(k))},
+                  key=lambda b: int(re.match(r"\d+", b)[0]))
+    supervised = sorted({v.layer for v in variants if not v.baseline_arm and v.layer})
+    if bins and supervised:
+        rows = []
+        for v in variants:
+            for layer in supervised if v.baseline_arm else [v.layer]:
+                if layer is None:
+                    continue
+                cells = [_mean_std(_finals(v, f"attn/{layer}/pck@1/{b}")) for b in bins]
+                rows.append([v.label, layer] + cells)
+        lines += [f"#### {backbone}: PCK@1 at the supervised layer by viewpoint change (degrees), final step", ""]
+        lines += _table(["arm", "layer"] + bins, rows) + [""]
+    return lines, paths
+
+
+def _speedup_section(report: Report, backbones, present, fractions, out: pathlib.Path, draw: bool) -> list[str]:
+    md = ["## Speed-up: iterations to threshold", ""]
+    for metric in present:
+        for backbone, variants in backbones.items():
+            rows = [[v.label, f"{c.n_seeds[0]}/{c.n_seeds[1]}"] + [_speed_cell(c, f) for f in range(len(fractions))]
+                    for v in variants if (c := report.of(v, metric))]
+            if rows:
+                md += [f"### {metric} — {backbone}", ""]
+                md += _table(["variant", "seeds b/v"] + [_fraction_name(f) for f in fractions], rows) + [""]
+    panels = {b: [(v.label, c) for v in vs if (c := report.of(v, PRIMARY))] for b, vs in backbones.items()}
+    panels = {b: rows for b, rows in panels.items() if rows}
+    if draw and panels:
+        path = plots.speedups(panels, out / "speedup_psnr.png")
+        md += [f"![speed-up vs threshold]({path.name})", ""]
+        report.files.append(path)
+    return md
+
+
+def _auc_section(report: Report) -> list[str]:
+    rows = []
+    for (i, metric), c in report.comparisons.items():
+        v = report.grouping.variants[i]
+        rows.append([v.backbone, v.label, metric, _num(c.auc[0]), _num(c.auc[1]), _ci(c.auc[1] - c.auc[0], c.auc_diff_ci),
+                     f"{c.steps[-1]:.0f}", _ci(c.final_gap, c.final_gap_ci)])
+    header = ["backbone", "variant", "metric", "AUC baseline", "AUC variant", "Δ AUC [CI]", "last common step",
+              "final gap (variant − baseline) [CI]"]
+    return ["## Area under the curve and final gap", ""] + _table(header, rows) + [""]
+
+
+def _sweep_section(report: Report, backbones, present, fractions) -> list[str]:
+    """One row per variant, one column per swept parameter: the layer / lambda / source / head tables."""
+    varying = report.grouping.varying
+    md = ["## Sweep tables (final values, mean ± std over seeds)", ""]
+    if varying:
+        md += ["Parameters that vary across the runs: " + ", ".join(f"`{k}`" for k in varying), ""]
+    header = ["variant"] + varying + ["seeds"] + list(present) + [f"speed-up {PRIMARY} (final)"]
+    for backbone, variants in backbones.items():
+        rows = []
+        for v in variants:
+            finals = ["—" if v.baseline_arm and m.startswith(SUPERVISED) else _mean_std(_finals(v, v.key_for(m, v.layer)))
+                      for m in present]
+            c = report.of(v, PRIMARY)
+            speed = _speed_cell(c, len(fractions) - 1) if c and fractions[-1] == 1.0 else "—"
+            rows.append([v.label] + [v.params.get(k, "—") for k in varying] + [str(len(v.runs))] + finals + [speed])
+        md += [f"### {backbone}", ""] + _table(header, rows) + [""]
+    return md
+
+
+def _sources(report: Report, experiment: str, command: str, source: str | None, shas: list[str]) -> dict:
+    return {
+        "experiment": experiment, "command": command, "source": source, "git_shas": shas,
+        "runs": [{"run_id": r.run_id, "name": r.name, "status": r.status, "variant": v.label, "backbone": v.backbone,
+                  "seed": seed_of(r), "git_sha": r.tags.get("git.sha", "unknown"), "git_dirty": r.tags.get("git.dirty"),
+                  "gin_files": r.params.get("gin_files") or r.tags.get("gin_files"),
+                  "sweep_trial": r.tags.get("sweep.trial"), "parent_run_id": r.tags.get("mlflow.parentRunId")}
+                 for v in report.grouping.variants for r in v.runs],
+        "left_out": [{"run_id": r.run_id, "name": r.name, "reason": why} for r, why in report.skipped],
+    }
+
+
+METHOD = ("Method: curves are averaged over seeds on their common evaluation steps. The speed-up at a threshold τ "
+          "is iterations(baseline) / iterations(variant) to first reach τ, with linear interpolation between "
+          "evaluations; τ is placed a fraction of the way from the baseline's first to its final value ('final' = the "
+          "baseline's final value, the paper's \"2x\" definition). Brackets: {n_boot}-resample percentile bootstrap "
+          "95% CI over seeds (paired when both arms ran the same seeds; — with one seed). n.r. = not reached by the "
+          "last common step. AUC = area under the mean curve divided by the step range.")
+
+
+def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experiment: str, command: str | None = None,
+                 metrics=DEFAULT_METRICS, fractions=DEFAULT_FRACTIONS, n_boot: int = 2000, seed: int = 0,
+                 statuses=("FINISHED",), source: str | None = None, draw: bool = True) -> Report:
+    """Compute every comparison and write the report folder (`draw=False`: tables only, no PNGs).
+    `source` names where the runs came from."""
+    out = pathlib.Path(out_dir)
+    kept, skipped = _usable(runs, statuses)
+    if not kept:
+        raise ValueError(f"experiment {experiment!r}: no run with status in {list(statuses)} has evaluation metrics "
+                         f"({len(runs)} runs found: {sorted({r.status for r in runs})})")
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in FIGURES:  # figures of an earlier build that this one may not redraw
+        for stale in out.glob(pattern):
+            stale.unlink()
+    grouping = group_runs(kept)
+    backbones: dict[str, list[Variant]] = {}
+    for v in grouping.variants:
+        backbones.setdefault(v.backbone, []).append(v)
+    present = [m for m in metrics if any(v.curves(m) for v in grouping.variants)]
+    comparisons: dict[tuple[int, str], Comparison] = {}
+    for i, v in enumerate(grouping.variants):
+        if v.baseline_arm or v.baseline is None:
+            continue
+        for metric in present:
+            mine, theirs = v.curves(metric), v.baseline.curves(v.baseline.key_for(metric, v.layer))
+            if mine and theirs:
+                comparisons[i, metric] = compare(theirs, mine, metric=metric, base_seeds=v.baseline.seeds,
+                                                 variant_seeds=v.seeds, fractions=fractions, n_boot=n_boot, seed=seed)
+    report = Report(out, grouping, comparisons, skipped=skipped)
+    command = command or f"cameo-bench report --experiment {experiment}"
+    shas = sorted({r.tags.get("git.sha", "unknown") for r in kept})
+    md = [f"# Convergence report: {experiment}", "", f"Regenerate with `{command}`", "",
+          f"Built {datetime.datetime.now().isoformat(timespec='seconds')} from {len(kept)} runs of MLflow experiment "
+          f"`{experiment}`" + (f" ({source})" if source else "")
+          + f"; git SHA(s): {', '.join(f'`{s[:12]}`' for s in shas)}. Run ids and gin files: `sources.json`.", "",
+          METHOD.format(n_boot=n_boot), ""]
+    if grouping.unmatched:
+        md += ["**No baseline found for:** " + "; ".join(f"{v.backbone} {v.label}" for v in grouping.unmatched), ""]
+    md += ["## Variants", ""]
+    md += _table(["backbone", "variant", "seeds", "runs", "baseline"],
+                 [[v.backbone, v.label, ", ".join(v.seeds), ", ".join(r.run_id[:8] for r in v.runs),
+                   "—" if v.baseline_arm else (v.baseline.label if v.baseline else "**none**")]
+                  for v in grouping.variants]) + [""]
+    md += ["## Convergence", ""]
+    for metric in present:
+        lines, path = _convergence_section(backbones, metric, out, draw)
+        md += [f"### {metric}", ""] + lines
+        report.files += [path] if path else []
+    md += _speedup_section(report, backbones, present, fractions, out, draw)
+    md += _auc_section(report)
+    md += _sweep_section(report, backbones, present, fractions)
+    md += ["## Attention-correspondence profile", ""]
+    for backbone, variants in backbones.items():
+        lines, paths = _profile_section(backbone, variants, out, draw)
+        md += lines
+        report.files += paths
+    if skipped:
+        md += ["## Runs left out", ""]
+        md += _table(["run", "name", "reason"], [[r.run_id, r.name, why] for r, why in skipped]) + [""]
+    (out / "report.md").write_text("\n".join(md))
+    (out / "sources.json").write_text(json.dumps(_sources(report, experiment, command, source, shas), indent=1))
+    report.files += [out / "report.md", out / "sources.json"]
+    return report

@@ -1,0 +1,147 @@
+"""Group runs into variants (same configuration, several seeds) and match each variant to its baseline.
+
+A variant is the set of runs whose parameters agree on everything but the seed (and the run's name
+and output folder). Its baseline is the variant without CAMEO (weight 0 or source `none`) that agrees
+on every non-`cameo.*` parameter; if none does (say the baseline trained longer), the one with the same
+backbone and data settings that agrees on the most other parameters.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from cameo_bench.tracking import RunRecord
+
+SEED_PARAMS = ("seed",)  # data.seed picks the scenes: a data setting, not a replicate
+BACKBONE_KEYS = ("backbone.name", "backbone.preset")  # reports have one section per backbone
+IGNORED_PARAMS = ("name", "output_dir", "gin_files", "train.progress")
+SUPERVISED = "attn/supervised/"
+_LAYER_KEY = re.compile(r"^attn/(?P<layer>.+)/pck@1$")
+
+
+def is_baseline(run: RunRecord) -> bool:
+    weight = run.params.get("cameo.weight", "0")
+    try:
+        off = float(weight) == 0.0
+    except ValueError as err:
+        raise ValueError(f"run {run.run_id}: param cameo.weight = {weight!r} is not a number") from err
+    return off or run.params.get("cameo.source", "") == "none"
+
+
+def backbone_of(run: RunRecord) -> str:
+    return f"{run.params.get('backbone.name', '?')}/{run.params.get('backbone.preset', '?')}"
+
+
+def seed_of(run: RunRecord) -> str:
+    return ",".join(run.params.get(k, "") for k in SEED_PARAMS)
+
+
+def config_params(run: RunRecord) -> dict[str, str]:
+    """The parameters that define a variant."""
+    return {k: v for k, v in run.params.items() if k not in SEED_PARAMS and k not in IGNORED_PARAMS}
+
+
+def supervised_layer(run: RunRecord) -> str | None:
+    """The resolved name of the supervised layer (`cameo.layer` may be a selector such as `depth:0.5`).
+
+    Read from the tag `cameo.layer_resolved` when the engine logged it; otherwise the one layer whose
+    histories equal every `attn/supervised/*` history (the engine logs the same numbers under both
+    names). None when no layer, or more than one, matches.
+    """
+    if "cameo.layer_resolved" in run.tags:
+        return run.tags["cameo.layer_resolved"]
+    supervised = {k[len(SUPERVISED):]: h for k, h in run.metrics.items() if k.startswith(SUPERVISED)}
+    if not supervised:
+        return None
+    layers = {m["layer"] for k in run.metrics if (m := _LAYER_KEY.match(k)) and m["layer"] != "supervised"}
+    matches = [layer for layer in sorted(layers)
+               if all(run.metrics.get(f"attn/{layer}/{suffix}") == h for suffix, h in supervised.items())]
+    return matches[0] if len(matches) == 1 else None
+
+
+@dataclass(eq=False)  # identity: variants are looked up in lists
+class Variant:
+    label: str
+    backbone: str
+    baseline_arm: bool
+    params: dict[str, str]  # config_params shared by all runs
+    runs: list[RunRecord]
+    baseline: "Variant | None" = None
+    layer: str | None = None  # resolved supervised layer
+
+    @property
+    def seeds(self) -> list[str]:
+        return [seed_of(r) for r in self.runs]
+
+    def curves(self, key: str) -> list[list[tuple[int, float]]] | None:
+        """One history per seed, or None if any run lacks the metric."""
+        found = [r.metrics.get(key) for r in self.runs]
+        return None if any(not c for c in found) else found
+
+    def key_for(self, metric: str, layer: str | None) -> str:
+        """A baseline has no `attn/supervised/*`: read the variant's layer there instead."""
+        if metric.startswith(SUPERVISED) and self.baseline_arm and layer:
+            return f"attn/{layer}/" + metric[len(SUPERVISED):]
+        return metric
+
+
+@dataclass
+class Grouping:
+    variants: list[Variant]  # baselines first, then variants in run order
+    varying: list[str]  # params that differ among runs (seeds excluded): the sweep's axes
+    unmatched: list[Variant] = field(default_factory=list)  # CAMEO variants without a baseline
+
+
+def _short(key: str) -> str:
+    return key.removeprefix("cameo.")
+
+
+def _non_cameo(params: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in params.items() if not k.startswith("cameo.")}
+
+
+def group_runs(runs: list[RunRecord]) -> Grouping:
+    """Variants and their baselines. A baseline's own `cameo.*` values do not matter (weight 0)."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for run in runs:
+        params = config_params(run)
+        key = tuple(sorted((_non_cameo(params) if is_baseline(run) else params).items())) + (("__base", is_baseline(run)),)
+        groups.setdefault(key, []).append(run)
+    cameo_runs = [config_params(r) for r in runs if not is_baseline(r)]
+    every = [_non_cameo(config_params(r)) for r in runs]
+    varying = sorted({k for p in cameo_runs for k in p if k.startswith("cameo.") and len({q.get(k) for q in cameo_runs}) > 1}
+                     | {k for p in every for k in p if k not in BACKBONE_KEYS and len({q.get(k) for q in every}) > 1})
+    variants = []
+    for members in groups.values():
+        base = is_baseline(members[0])
+        params = _non_cameo(config_params(members[0])) if base else config_params(members[0])
+        label = "baseline" if base else (", ".join(f"{_short(k)}={params.get(k, '-')}" for k in varying if k in params
+                                                   and k.startswith("cameo.")) or "cameo")
+        extra = [f"{_short(k)}={params[k]}" for k in varying if not k.startswith("cameo.") and k in params]
+        if extra:
+            label = f"{label} [{', '.join(extra)}]"
+        layers = {supervised_layer(r) for r in members} - {None}
+        variants.append(Variant(label, backbone_of(members[0]), base, params, members,
+                                layer=next(iter(layers)) if len(layers) == 1 else None))
+    baselines = [v for v in variants if v.baseline_arm]
+    unmatched = []
+    for v in variants:
+        if v.baseline_arm:
+            continue
+        v.baseline = _match(v, baselines)
+        if v.baseline is None:
+            unmatched.append(v)
+    variants.sort(key=lambda v: (v.backbone, not v.baseline_arm))
+    return Grouping(variants, varying, unmatched)
+
+
+def _match(variant: Variant, baselines: list[Variant]) -> Variant | None:
+    own = _non_cameo(variant.params)
+    for b in baselines:
+        if b.params == own:
+            return b
+    near = [b for b in baselines if all(b.params.get(k) == v for k, v in own.items()
+                                        if k.startswith(("backbone.", "data.")))]
+    if not near:
+        return None
+    return max(near, key=lambda b: sum(b.params.get(k) == v for k, v in own.items()))

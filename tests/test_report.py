@@ -1,0 +1,305 @@
+"""Convergence report: threshold crossings, AUC and bootstrap checked against hand computations and
+curves with a known speed-up, then the whole report built from a real sqlite MLflow store."""
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+
+from cameo_bench.report import align, build_report, compare, first_crossing, group_runs, normalised_auc
+from cameo_bench.report.curves import crossing_steps, thresholds_between
+from cameo_bench.report.runs import is_baseline, supervised_layer
+from cameo_bench.tracking import RunRecord, from_mlflow_key, load_runs, to_mlflow_key
+
+LAYERS = ["blocks.00.attn", "blocks.01.attn", "blocks.02.attn", "blocks.03.attn"]
+BINS = ["0-30", "30-60", "60-90", "90+"]
+SUPERVISED = "blocks.02.attn"
+TIME_SCALES = (1.0, 1.25, 0.8)  # per seed: seeds converge at different rates, CAMEO keeps each seed's rate
+
+
+def psnr(s, c=1.0, plateau=5.0):
+    return 10 + plateau * (1 - np.exp(-s / (400 * c)))
+
+
+def synthetic_metrics(weight: float, seed: int, speed: float, every: int, plateau: float = 5.0, steps: int = 4000):
+    """CAMEO at `speed` 2 is the baseline curve with the step doubled: iterations to any threshold halve.
+    The baseline is evaluated every 200 steps and CAMEO every 100, so CAMEO's piecewise-linear curve
+    is exactly the baseline's at twice the step, and the interpolated speed-up is exactly 2."""
+    grid = np.arange(0, steps + 1, every)
+    c = TIME_SCALES[seed % 3]
+    m = {"eval/psnr": psnr(grid * speed, c, plateau),
+         "eval/lpips_vgg": 0.6 - 0.4 * (1 - np.exp(-grid * speed / (400 * c)))}
+    for j, layer in enumerate(LAYERS):
+        top = 0.3 + 0.1 * j + (0.3 if weight > 0 and layer == SUPERVISED else 0.0)
+        m[f"attn/{layer}/pck@1"] = top * (1 - np.exp(-grid / 500))
+        for b, name in enumerate(BINS):
+            m[f"attn/{layer}/pck@1/{name}"] = top * (1 - 0.2 * b) * (1 - np.exp(-grid / 500))
+    if weight > 0:
+        m["attn/supervised/pck@1"] = m[f"attn/{SUPERVISED}/pck@1"]
+    return {k: [(int(a), float(b)) for a, b in zip(grid, v)] for k, v in m.items()}
+
+
+def synthetic_params(weight: float, seed: int, trial: int) -> dict[str, str]:
+    return {"backbone.name": "mv_dit", "backbone.preset": "micro", "cameo.weight": str(weight),
+            "cameo.layer": "depth:0.5", "cameo.source": "depth", "cameo.head": "mean", "seed": str(seed),
+            "data.azimuth_step_deg": "30.0", "name": f"trial{trial}", "train.steps": "4000"}
+
+
+# arm name -> (cameo.weight, speed, evaluation every, plateau)
+ARMS = {"baseline": (0.0, 1.0, 200, 5.0), "fast": (0.5, 2.0, 100, 5.0), "weak": (0.1, 1.0, 100, 4.0)}
+
+
+def synthetic_sweep() -> list[RunRecord]:
+    runs = []
+    for seed in range(3):
+        for weight, speed, every, plateau in ARMS.values():
+            i = len(runs)
+            runs.append(RunRecord(f"run{i:02d}", f"trial{i}", synthetic_params(weight, seed, i), {"git.sha": "abc123"},
+                                  synthetic_metrics(weight, seed, speed, every, plateau)))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------
+# pure functions against hand computations
+
+
+def test_crossing_interpolates_linearly_between_evaluations():
+    steps, values = [0, 100, 200, 300], [1.0, 2.0, 4.0, 5.0]
+    assert first_crossing(steps, values, 3.0) == pytest.approx(150.0)  # halfway from 2 (at 100) to 4 (at 200)
+    assert first_crossing(steps, values, 2.5) == pytest.approx(125.0)
+    assert first_crossing(steps, values, 4.0) == pytest.approx(200.0)  # exactly at an evaluation
+    assert first_crossing(steps, values, 0.5) == 0.0  # already past at the first evaluation
+    assert first_crossing(steps, values, 6.0) is None  # never reached
+    assert first_crossing(steps, [5.0, 4.0, 2.0, 1.0], 3.0, higher=False) == pytest.approx(150.0)
+    assert first_crossing(steps, [1.0, 3.0, 2.0, 4.0], 2.5) == pytest.approx(75.0)  # the first crossing, not a later one
+
+
+def test_crossing_is_vectorised_over_curves_and_thresholds():
+    steps = np.array([0.0, 100.0, 200.0])
+    values = np.array([[0.0, 1.0, 2.0], [0.0, 2.0, 4.0]])  # [2, 3]
+    got = crossing_steps(steps, values[:, None, :], np.array([[0.5, 1.5], [3.0, 9.0]]))  # [2 curves, 2 thresholds]
+    np.testing.assert_allclose(got, [[50.0, 150.0], [150.0, np.nan]])
+
+
+def test_align_interpolates_onto_the_union_of_steps_within_the_common_range():
+    steps, values = align([[(0, 0.0), (100, 1.0), (200, 2.0)], [(50, 10.0), (150, 20.0), (300, 50.0)]])
+    np.testing.assert_array_equal(steps, [50, 100, 150, 200])
+    np.testing.assert_allclose(values, [[0.5, 1.0, 1.5, 2.0], [10.0, 15.0, 20.0, 30.0]])
+    with pytest.raises(ValueError, match="share no step range"):
+        align([[(0, 1.0), (10, 1.0)], [(20, 1.0), (30, 1.0)]])
+
+
+def test_normalised_auc_is_the_trapezoid_mean_level():
+    assert normalised_auc([0, 100, 300], [0.0, 1.0, 1.0]) == pytest.approx((0.5 * 100 + 1.0 * 200) / 300)
+    assert normalised_auc([7], [3.0]) == pytest.approx(3.0)
+
+
+def test_threshold_at_fraction_one_is_exactly_the_final_value():
+    first, last = np.array([0.1]), np.array([0.3])  # 0.1 + 1 * (0.3 - 0.1) != 0.3 in floating point
+    tau = thresholds_between(first, last, [0.0, 0.5, 1.0])[0]
+    assert tau[0] == 0.1 and tau[2] == 0.3 and tau[1] == pytest.approx(0.2)
+
+
+def _arm(name: str, seeds=(0, 1, 2)):
+    weight, speed, every, plateau = ARMS[name]
+    return [synthetic_metrics(weight, s, speed, every, plateau)["eval/psnr"] for s in seeds]
+
+
+def test_known_speedup_is_two_at_every_threshold_with_a_ci_containing_two():
+    paired = compare(_arm("baseline"), _arm("fast"), metric="eval/psnr", base_seeds=[0, 1, 2], variant_seeds=[0, 1, 2],
+                     n_boot=500, seed=0)
+    assert paired.paired
+    np.testing.assert_allclose(paired.speedup, 2.0, rtol=1e-9)
+    np.testing.assert_allclose(paired.speedup_ci, 2.0, rtol=1e-9)  # paired seeds: every resample is exactly 2
+    np.testing.assert_allclose(paired.variant_iters * 2, paired.base_iters, rtol=1e-9)
+    assert paired.base_iters[-1] == 4000 and paired.variant_iters[-1] == pytest.approx(2000)
+    # the seeds of the two arms differ: independent resampling, a real interval around 2
+    unpaired = compare(_arm("baseline"), _arm("fast", seeds=(1, 2, 0)), metric="eval/psnr",
+                       base_seeds=[0, 1, 2], variant_seeds=[3, 4, 5], n_boot=500, seed=0)
+    assert not unpaired.paired
+    np.testing.assert_allclose(unpaired.speedup, 2.0, rtol=1e-9)
+    assert np.all(unpaired.speedup_ci[:, 0] < 2.0) and np.all(unpaired.speedup_ci[:, 1] > 2.0)
+
+
+def test_auc_and_final_gap_match_the_analytic_curves():
+    comp = compare(_arm("baseline"), _arm("fast"), metric="eval/psnr", n_boot=200)
+    T, cs = 4000.0, np.array(TIME_SCALES)
+    # mean over seeds of (1/T) * integral of 10 + 5 (1 - exp(-k s / 400c)) ds, k = 1 or 2
+    exact = [float(np.mean(10 + 5 * (1 - 400 * cs / (k * T) * (1 - np.exp(-k * T / (400 * cs)))))) for k in (1, 2)]
+    assert comp.auc[0] == pytest.approx(exact[0], abs=0.02)  # trapezoids on a 200-step grid
+    assert comp.auc[1] == pytest.approx(exact[1], abs=0.02)
+    assert comp.auc[1] > comp.auc[0]
+    assert comp.auc_diff_ci[0] > 0  # CAMEO's curve is above the baseline's everywhere
+    gap = float(np.mean(psnr(2 * T, cs) - psnr(T, cs)))
+    assert comp.final_gap == pytest.approx(gap, rel=1e-9)
+    lpips = lambda k: [synthetic_metrics(*ARMS[k][:1], s, *ARMS[k][1:])["eval/lpips_vgg"] for s in range(3)]  # noqa: E731
+    lower = compare(lpips("baseline"), lpips("fast"), metric="eval/lpips_vgg", n_boot=200)
+    assert not lower.higher and lower.auc[1] < lower.auc[0]
+    np.testing.assert_allclose(lower.speedup, 2.0, rtol=1e-9)
+
+
+def test_not_reached_is_reported_as_zero_speedup():
+    comp = compare(_arm("baseline"), _arm("weak"), metric="eval/psnr", base_seeds=[0, 1, 2], variant_seeds=[0, 1, 2],
+                   n_boot=300)
+    # plateau 14 vs the baseline's ~15: thresholds at 90% (~14.5) and 100% are never reached
+    assert np.isnan(comp.variant_iters[2:]).all() and (comp.speedup[2:] == 0).all()
+    assert (comp.not_reached_share[2:] == 1).all() and (comp.speedup_ci[2:] == 0).all()
+    assert (comp.speedup[:2] > 0).all()
+    # the 50% threshold by hand: the weak arm's own curve crosses it by interpolation on its grid
+    steps, values = align(_arm("weak"))
+    t_weak = first_crossing(steps, values.mean(0), comp.thresholds[0])
+    assert comp.variant_iters[0] == pytest.approx(t_weak)
+
+
+def test_bootstrap_is_deterministic_given_its_seed():
+    args = (_arm("baseline"), _arm("fast", seeds=(1, 2, 0)))
+    kw = dict(metric="eval/psnr", base_seeds=[0, 1, 2], variant_seeds=[3, 4, 5], n_boot=300)
+    a, b, c = compare(*args, seed=5, **kw), compare(*args, seed=5, **kw), compare(*args, seed=6, **kw)
+    np.testing.assert_array_equal(a.speedup_ci, b.speedup_ci)
+    assert a.final_gap_ci == b.final_gap_ci
+    assert not np.array_equal(a.speedup_ci, c.speedup_ci)
+
+
+def test_one_seed_gives_no_interval_and_a_flat_baseline_no_speedup():
+    one = compare(_arm("baseline", seeds=(0,)), _arm("fast", seeds=(0,)), metric="eval/psnr")
+    np.testing.assert_allclose(one.speedup, 2.0, rtol=1e-9)
+    assert np.isnan(one.speedup_ci).all() and math.isnan(one.final_gap_ci[0])
+    flat = compare([[(0, 5.0), (100, 5.0)]], [[(0, 5.0), (100, 6.0)]], metric="eval/psnr")
+    assert np.isnan(flat.speedup).all()  # the baseline never improved: no threshold between its ends
+
+
+# ---------------------------------------------------------------------------------------------
+# runs -> variants and baselines
+
+
+def _record(weight, seed, source="depth", **extra):
+    params = {**synthetic_params(weight, seed, 0), "cameo.source": source, **extra}
+    return RunRecord(f"r{weight}{source}{seed}{sorted(extra.items())}", "x", params, {}, {"eval/psnr": [(0, 1.0)]})
+
+
+def test_variants_group_seeds_and_find_their_baseline():
+    runs = [_record(0.0, s, layer_unused="a") for s in range(2)] + [_record(0.5, s) for s in range(2)]
+    runs += [_record(0.2, 0, source="none")]  # source none is a baseline whatever its weight
+    runs += [_record(0.5, s, **{"train.steps": "2000"}) for s in range(2)]  # shorter run: baseline by backbone + data
+    grouping = group_runs(runs)
+    bases = [v for v in grouping.variants if v.baseline_arm]
+    cameo = [v for v in grouping.variants if not v.baseline_arm]
+    assert all(is_baseline(r) for v in bases for r in v.runs) and len(cameo) == 2
+    assert sorted(len(v.runs) for v in cameo) == [2, 2] and sorted(v.seeds for v in cameo)[0] == ["0", "1"]
+    assert all(v.baseline is not None and v.baseline.baseline_arm for v in cameo)
+    assert "train.steps" in grouping.varying and "cameo.weight" not in grouping.varying
+    with pytest.raises(ValueError, match="cameo.weight"):
+        is_baseline(RunRecord("bad", "bad", {"cameo.weight": "lots"}))
+
+
+def test_supervised_layer_is_found_from_identical_histories():
+    run = RunRecord("r", "r", synthetic_params(0.5, 0, 0), {}, synthetic_metrics(0.5, 0, 2.0, 100))
+    assert supervised_layer(run) == SUPERVISED
+    twin = dict(run.metrics)
+    twin["attn/blocks.03.attn/pck@1"] = twin[f"attn/{SUPERVISED}/pck@1"]  # two layers fit: do not guess
+    assert supervised_layer(RunRecord("t", "t", run.params, {}, twin)) is None
+    run.tags["cameo.layer_resolved"] = "blocks.01.attn"
+    assert supervised_layer(run) == "blocks.01.attn"
+
+
+def test_report_from_records_writes_every_part(tmp_path):
+    report = build_report(synthetic_sweep(), tmp_path / "r", experiment="synthetic", n_boot=200, draw=False,
+                          command="cameo-bench report --experiment synthetic --bootstrap 200")
+    fast, weak = report.comparison("weight=0.5", "eval/psnr"), report.comparison("weight=0.1", "eval/psnr")
+    np.testing.assert_allclose(fast.speedup, 2.0, rtol=1e-9)
+    assert fast.auc[1] > fast.auc[0] > weak.auc[1]
+    pck = report.comparison("weight=0.5", "attn/supervised/pck@1")  # baseline read at the supervised layer
+    assert pck.final_gap == pytest.approx(0.3 * (1 - math.exp(-4000 / 500)))
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert md.splitlines()[2] == "Regenerate with `cameo-bench report --experiment synthetic --bootstrap 200`"
+    assert "2.00× [2.00×, 2.00×]" in md and "n.r. [n.r., n.r.]" in md
+    assert "| blocks.02.attn | 0.500 | **0.800** | **0.800** |" in md  # both CAMEO arms supervise blocks.02
+    assert "| baseline | blocks.02.attn | 0.500 ± 0.000 | 0.400 ± 0.000 | 0.300 ± 0.000 | 0.200 ± 0.000 |" in md
+    assert not list((tmp_path / "r").glob("*.png"))
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end through a sqlite MLflow store and the CLI
+
+
+def _logged(history: dict) -> dict:
+    """What the store holds (fewer keys than an engine run: sqlite round trips are slow): every layer's
+    PCK@1, viewpoint bins of the supervised layer only."""
+    return {k: h for k, h in history.items() if "/pck@1/" not in k or k.startswith(f"attn/{SUPERVISED}/")}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A small sweep in a real store: parent run, 9 finished trials, one failed trial; log_batch only."""
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("sweep-test", artifact_location=(root / "artifacts").as_uri())
+    parent = client.create_run(experiment, run_name="sweep", tags={"sweep.name": "sweep-test"}).info.run_id
+    ids = []
+    for i, run in enumerate(synthetic_sweep() + [None]):
+        failed = run is None
+        params = synthetic_params(0.5, 7, i) if failed else run.params
+        history = _logged(synthetic_metrics(0.5, 7, 2.0, 1000) if failed else run.metrics)
+        tags = {"git.sha": f"sha{i % 2}", "sweep.trial": f"t{i}", "mlflow.parentRunId": parent,
+                "gin_files": "gin/experiments/smoke.gin"}
+        rid = client.create_run(experiment, run_name=f"trial{i}", tags=tags).info.run_id
+        metrics = [Metric(to_mlflow_key(k), v, 0, s) for k, h in history.items() for s, v in h]
+        for start in range(0, len(metrics), 1000):
+            client.log_batch(rid, metrics=metrics[start:start + 1000],
+                             params=[Param(k, v) for k, v in params.items()] if start == 0 else [])
+        client.set_terminated(rid, status="FAILED" if failed else "FINISHED")
+        ids.append(rid)
+    client.log_batch(parent, tags=[RunTag("done", "true")])
+    return uri, parent, ids
+
+
+def test_cli_report_from_mlflow(store, tmp_path):
+    from cameo_bench.cli import report as cli
+
+    uri, parent, ids = store
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--experiment", "sweep-test", "--tracking-uri", uri, "--out", str(tmp_path),
+                              "--bootstrap", "300", "--seed", "3"])
+    assert cli.run(args) == 0
+    out = tmp_path / "sweep-test"
+    md = (out / "report.md").read_text()
+    assert f"`cameo-bench report --experiment sweep-test --tracking-uri {uri} --out {tmp_path} --bootstrap 300 --seed 3`" in md
+    for name in ("curves_eval_psnr.png", "curves_eval_lpips_vgg.png", "curves_attn_supervised_pck1.png",
+                 "speedup_psnr.png", "profile_mv_dit_micro.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    sources = json.loads((out / "sources.json").read_text())
+    used = {r["run_id"] for r in sources["runs"]}
+    assert used == set(ids[:-1])  # every finished trial, not the failed one nor the parent
+    assert {r["run_id"] for r in sources["left_out"]} == {ids[-1], parent}
+    assert sources["git_shas"] == ["sha0", "sha1"]
+    assert {r["gin_files"] for r in sources["runs"]} == {"gin/experiments/smoke.gin"}
+    assert all(r["parent_run_id"] == parent for r in sources["runs"])
+    assert "2.00× [2.00×, 2.00×]" in md and "status FAILED" in md
+
+
+def test_load_runs_returns_the_engine_metric_names_and_histories(store):
+    uri, parent, ids = store
+    records = {r.run_id: r for r in load_runs("sweep-test", uri)}
+    assert set(records) == set(ids) | {parent}
+    expected = synthetic_sweep()[4]  # trial 4: the fast arm, seed 1
+    got = records[ids[4]]
+    assert got.status == "FINISHED" and got.params == expected.params and got.tags["sweep.trial"] == "t4"
+    assert got.metrics == _logged(expected.metrics)  # "@" and "+" restored, steps sorted
+    assert records[ids[-1]].status == "FAILED" and records[parent].metrics == {}
+    assert from_mlflow_key(to_mlflow_key("attn/a/pck@0.5/90+")) == "attn/a/pck@0.5/90+"
+
+
+def test_cli_report_names_a_missing_experiment(store, tmp_path, capsys):
+    from cameo_bench.cli import report as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.run(parser.parse_args(["--experiment", "nope", "--tracking-uri", store[0], "--out", str(tmp_path)])) == 2
+    err = capsys.readouterr().err
+    assert "no MLflow experiment named 'nope'" in err and "sweep-test" in err  # lists the experiments found
