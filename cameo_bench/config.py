@@ -24,6 +24,7 @@ SECTIONS = {
     "optim": spec.OptimSpec,
     "train": spec.TrainSpec,
     "eval": spec.EvalSpec,
+    "tracking": spec.TrackingSpec,
 }
 
 _CONFIGURABLES = {

@@ -102,6 +102,16 @@ class EvalSpec:
     attention_timestep: int = 500  # noise level at which attention correspondence is measured
     lpips: bool = True  # used only when the backbone weights are on disk
     at_start: bool = True
+    figures: bool = True  # sample grid + attention figure of the first eval scenes, as tracker artifacts
+
+
+@dataclass
+class TrackingSpec:
+    """MLflow tracking of `cameo-bench train`; its command-line flags win over these."""
+
+    enabled: bool = True
+    experiment: str | None = None  # default: run_experiment.name
+    uri: str | None = None  # default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db
 
 
 @dataclass
@@ -116,6 +126,7 @@ class Experiment:
     optim: OptimSpec = field(default_factory=OptimSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -24,7 +24,7 @@ def test_layers_unknown_backbone_lists_valid_names():
 
 def test_train_then_eval_round_trip(tmp_path, capsys):
     out = f"run_experiment.output_dir = '{tmp_path}'"
-    assert main(["train", str(REPO / "gin/experiments/smoke.gin"), "--no-progress", "--gin_param", out,
+    assert main(["train", str(REPO / "gin/experiments/smoke.gin"), "--no-progress", "--no-tracking", "--gin_param", out,
                  "--gin_param", "train.steps = 2", "--gin_param", "eval.every = 0"]) == 0
     run_dir = tmp_path / "smoke"
     assert (run_dir / "config.gin").read_text().count("cameo.weight") == 1

@@ -81,7 +81,7 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
     def cmd(out, *extra):
-        args = [sys.executable, "-m", "cameo_bench", "train", str(SMOKE), "--no-progress",
+        args = [sys.executable, "-m", "cameo_bench", "train", str(SMOKE), "--no-progress", "--no-tracking",
                 "--gin_param", f"run_experiment.output_dir = '{out}'"]
         for b in steps:
             args += ["--gin_param", b]
