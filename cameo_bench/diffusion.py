@@ -234,10 +234,13 @@ class MultiViewDiffusion:
 
     def training_loss(self, model, batch: dict, t: torch.Tensor | None = None,
                       generator: torch.Generator | None = None, tap=None,
-                      perturb: dict | None = None) -> tuple[torch.Tensor, dict]:
+                      perturb: dict | None = None, *, camera_drop: torch.Tensor | None = None,
+                      noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """MSE on target views of one noised forward; the tap of that same forward is in `aux["tap"]`.
 
-        Random draws, in this order from `generator`: t [B] (unless given), camera drop [B], noise.
+        Random draws, in this order from `generator`: t [B], camera drop [B], noise; each one only
+        when it is not given. Giving all three lets a caller draw per sample (DDP: the draws of a
+        sample must not depend on which rank holds it).
         aux: `t [B]`, `camera_dropped [B] bool`, `cond_mask [B, V]`, `loss_per_sample [B]` (detached,
         for loss-vs-t curves), `tap` (TapResult or None).
         """
@@ -251,8 +254,14 @@ class MultiViewDiffusion:
         t = torch.as_tensor(t, device=device).long().expand(B)  # [B]
         if (t < 0).any() or (t >= T).any():
             raise ValueError(f"timesteps must be in [0, {T}), got {t.tolist()}")
-        drop = _rand((B,), generator, device) < self.config.camera_dropout  # [B]
-        noise = _randn(tuple(x0.shape), generator, x0)  # [B, V, C, h, w]
+        if camera_drop is None:
+            camera_drop = _rand((B,), generator, device) < self.config.camera_dropout
+        drop = torch.as_tensor(camera_drop, device=device).bool().expand(B)  # [B]
+        if noise is None:
+            noise = _randn(tuple(x0.shape), generator, x0)
+        elif tuple(noise.shape) != tuple(x0.shape):
+            raise ValueError(f"noise {tuple(noise.shape)} must have the model-space shape {tuple(x0.shape)}")
+        noise = noise.to(x0)  # [B, V, C, h, w]
 
         is_ref = reference_mask(batch["num_ref"], B, V, device)  # [B, V]
         ref5 = is_ref[:, :, None, None, None]

@@ -105,10 +105,15 @@ def run(args: argparse.Namespace) -> int:
     if installed:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _run(args)
+        code = _run(args)
     finally:
         if installed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # Under torchrun: barrier, destroy the process group, flush, os._exit (a gloo worker that
+    # leaves through normal interpreter exit sometimes aborts). One process: returns `code`.
+    from cameo_bench import distributed
+
+    return distributed.shutdown(code)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -177,5 +182,6 @@ def _run(args: argparse.Namespace) -> int:
             except Exception:  # noqa: BLE001 - the original error matters more
                 pass
         raise
-    print(json.dumps(metrics, indent=1, sort_keys=True))
+    if trainer.dist.is_main:
+        print(json.dumps(metrics, indent=1, sort_keys=True))
     return 0
