@@ -1,0 +1,417 @@
+"""CameoLoss against a naive full-map implementation written from the paper's text.
+
+The naive version builds the whole N x N logit map, applies the head to every pair, normalises,
+writes every (query, key view) target as a full-length row over all N keys, and averages the
+masked per-pair losses; nothing is shared with the chunked implementation except the parameters.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from backbones.interface import TapResult
+from cameo_bench.cameo import CameoLoss
+from cameo_bench.correspondence.targets import CorrespondenceTargets
+
+B, V, h, w, H, D = 2, 3, 4, 4, 2, 8
+HW, N = h * w, V * h * w
+NUM_REF = 1
+
+
+def make_problem(seed: int = 0, k: int = 2):
+    """Random q/k and random sparse targets with invalid pairs and never own-view pairs."""
+    g = torch.Generator().manual_seed(seed)
+    q_full = torch.randn(B, H, N, D, generator=g) * 2.0
+    k_all = torch.randn(B, H, N, D, generator=g) * 2.0
+    idx = torch.randint(0, HW, (B, N, V, k), generator=g)
+    weight = torch.rand(B, N, V, k, generator=g) + 0.05
+    weight = weight / weight.sum(-1, keepdim=True)
+    valid = torch.rand(B, N, V, generator=g) < 0.7
+    own = (torch.arange(N) // HW)[:, None] == torch.arange(V)[None, :]  # [N, V]
+    valid &= ~own[None]
+    cost = torch.rand(B, N, V, generator=g)
+    return q_full, k_all, CorrespondenceTargets(idx, weight, valid, (V, h, w)), cost
+
+
+def randomise_head(loss: CameoLoss, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in loss.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.7)
+
+
+def tap_for(q_full, k_all, query_idx) -> TapResult:
+    q = torch.gather(q_full, 2, query_idx[:, None, :, None].expand(B, H, -1, D))
+    return TapResult(q=q, k=k_all, scale=D**-0.5, grid=(V, h, w), query_idx=query_idx)
+
+
+def naive_scores(q_full, k_all, head, params):
+    """Fused logits of every (query, key) pair: [B, Ho, N, V, HW]."""
+    scale = D**-0.5
+    S = torch.einsum("bhqd,bhkd->bhqk", q_full, k_all) * scale  # [B, H, N, N] every logit
+    if head == "mean":
+        Fz = S.mean(1, keepdim=True)
+    elif head == "linear":
+        Fz = torch.einsum("h,bhqk->bqk", params["head_weight"], S)[:, None]
+    elif head == "mlp":
+        mlp = nn.Sequential(nn.Linear(H, 4 * H), nn.GELU(), nn.Linear(4 * H, 1))
+        mlp[0].weight, mlp[0].bias = params["head.0.weight"], params["head.0.bias"]
+        mlp[2].weight, mlp[2].bias = params["head.2.weight"], params["head.2.bias"]
+        Fz = mlp(S.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # as CAMEO's HeadMlp_Softmax
+    else:
+        Fz = S
+    return Fz.reshape(B, Fz.shape[1], N, V, HW)
+
+
+def naive_loss(Fz, targets, cost, query_idx, opts):
+    """Literal reading of cameo_method.md 'The loss, precisely' on the full N x N map Fz."""
+    Ho = Fz.shape[1]
+
+    view_of = torch.arange(N) // HW  # query view of every token
+    qviews = {"references": [0], "targets": [1, 2], "both": [0, 1, 2]}[opts["query_views"]]
+    key_view = torch.arange(V)
+    support = (key_view[None, :] != view_of[:, None]) & torch.isin(view_of, torch.tensor(qviews))[:, None]
+    if opts["key_views"] == "references":
+        support &= key_view[None, :] < NUM_REF  # [N, V] (query token, key view) scored
+
+    # probabilities per key view, or over every supported key
+    if opts["normalization"] == "per_view":
+        logA = Fz.log_softmax(-1)  # [B, Ho, N, V, HW]
+    else:
+        masked = Fz.masked_fill(~support[None, None, :, :, None], float("-inf")).reshape(B, Ho, N, N)
+        logA = masked.log_softmax(-1).reshape(B, Ho, N, V, HW)
+        logA = torch.where(support[None, None, :, :, None], logA, torch.zeros(()))
+    A = logA.exp() * (support[None, None, :, :, None] if opts["normalization"] == "global" else 1)
+
+    # target rows P[b, n, j] over the h*w tokens of view j
+    onehot_k = torch.nn.functional.one_hot(targets.idx, HW).float()  # [B, N, V, k, HW]
+    if opts["target"] == "soft":
+        P = (onehot_k * targets.weight[..., None]).sum(3)
+        P = P / P.sum(-1, keepdim=True)
+    else:
+        best = targets.weight.argmax(-1)  # [B, N, V]
+        P = torch.nn.functional.one_hot(targets.idx.gather(-1, best[..., None])[..., 0], HW).float()
+    if opts["target"] == "onehot_global":  # only the key view holding the nearest point keeps its row
+        if cost is not None:
+            nearest = cost.masked_fill(~support[None], float("inf")).argmin(-1)  # [B, N]
+        else:  # the first valid supported view
+            nearest = torch.full((B, N), -1)
+            for j in reversed(range(V)):
+                nearest = torch.where(targets.valid[:, :, j] & support[None, :, j], j, nearest)
+        P = P * (key_view[None, None, :] == nearest[..., None])[..., None]
+
+    selected = torch.zeros(B, N, dtype=torch.bool)
+    for b in range(B):
+        selected[b, query_idx[b]] = True
+
+    # one term per (query n, key view j): the prediction row against the full-length target
+    # row holding P_ij in the block of view j and zeros elsewhere
+    T = torch.zeros(B, N, V, V, HW)  # [B, n, j, key view, HW]
+    for j in range(V):
+        T[:, :, j, j] = P[:, :, j]
+    T = T[:, None]  # heads
+    if opts["normalization"] == "per_view":  # row = the keys of view j only
+        a = torch.stack([A[:, :, :, j] for j in range(V)], 3)  # [B, Ho, N, j, HW]
+        la = torch.stack([logA[:, :, :, j] for j in range(V)], 3)
+        t = torch.stack([T[:, :, :, j, j] for j in range(V)], 3)
+    else:  # row = every supported key
+        a, la, t = A.flatten(-2)[:, :, :, None], logA.flatten(-2)[:, :, :, None], T.flatten(-2)
+    if opts["loss"] == "ce":
+        L = -(t * la).sum(-1)
+    elif opts["loss"] == "kl":
+        L = (torch.where(t > 0, t * (t.clamp_min(1e-30).log() - la), 0.0)).sum(-1)
+    else:
+        L = (a - t).abs().sum(-1)  # [B, Ho, N, V]
+
+    total = 0.0
+    for group in ([0], [1, 2]):  # reference-query and target-query terms averaged separately
+        in_group = torch.isin(view_of, torch.tensor(group))
+        counted = targets.valid & support[None] & selected[:, :, None] & in_group[None, :, None]  # [B, N, V]
+        count = counted.sum()
+        if count > 0:
+            total = total + (L * counted[:, None]).sum() / (count * Ho)
+    return total
+
+
+OPTION_GRID = list(itertools.product(
+    ("mean", "linear", "mlp", "per_head"),
+    ("per_view", "global"),
+    ("onehot_per_view", "onehot_global", "soft"),
+    ("ce", "kl", "l1"),
+))
+VIEW_GRID = list(itertools.product(("references", "targets", "both"), ("all_but_self", "references"), (None, 5)))
+
+
+@pytest.fixture(scope="module")
+def problem():
+    return make_problem()
+
+
+def run_both(problem, opts, qpv=None, chunk_size=16, backward="fused", cost=None, seed=3, Fz=None):
+    """(chunked loss, diagnostics, naive loss, leaf tensors) for one option set.
+
+    `Fz` may hold the naive fused logits from an earlier call with the same head (same seeded
+    parameters) when gradients are not compared.
+    """
+    q_full, k_all, targets, _ = problem
+    if cost is not None:
+        targets = CorrespondenceTargets(targets.idx, targets.weight, targets.valid, targets.grid)
+        targets.cost = cost
+    cameo = CameoLoss(H, queries_per_view=qpv, chunk_size=chunk_size, backward=backward, **opts)
+    randomise_head(cameo)
+    query_idx = cameo.select_queries(targets, NUM_REF, torch.Generator().manual_seed(seed))
+    q_full, k_all = q_full.clone().requires_grad_(True), k_all.clone().requires_grad_(True)
+    got, diag = cameo(tap_for(q_full, k_all, query_idx), targets, NUM_REF)
+    params = dict(cameo.named_parameters())
+    if Fz is None:
+        Fz = naive_scores(q_full, k_all, opts["head"], params)
+    want = naive_loss(Fz, targets, cost, query_idx, opts)
+    return got, diag, want, [q_full, k_all, *params.values()], Fz
+
+
+@pytest.mark.parametrize("head,normalization,target,loss", OPTION_GRID)
+def test_matches_naive_full_map(problem, head, normalization, target, loss):
+    """Every option combination: the value always; gradients for q, k and every head parameter
+    on the paper's views (both query groups, all other key views, all queries)."""
+    Fz = None
+    default = ("both", "all_but_self", None)
+    for query_views, key_views, qpv in [default] + [v for v in VIEW_GRID if v != default]:
+        opts = dict(head=head, normalization=normalization, target=target, loss=loss,
+                    query_views=query_views, key_views=key_views)
+        got, diag, want, leaves, Fz_new = run_both(problem, opts, qpv, backward="autograd", Fz=Fz)
+        if not torch.is_tensor(want):  # nothing supervised (a lone reference with reference keys)
+            assert got.item() == 0.0 and diag["pairs_ref"] + diag["pairs_tgt"] == 0
+            continue
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=lambda m: f"{opts} qpv={qpv}: {m}")
+        if Fz is None:  # first round: gradients, then reuse the naive map (detached) for the rest
+            names = ["q", "k"] + [f"head param {i}" for i in range(len(leaves) - 2)]
+            g_got = torch.autograd.grad(got, leaves, allow_unused=True)
+            g_want = torch.autograd.grad(want, leaves, allow_unused=True)
+            for name, a, b in zip(names, g_got, g_want, strict=True):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"grad {name}: {m}")
+            Fz = Fz_new.detach()
+
+
+DEFAULT = dict(head="mlp", normalization="per_view", target="onehot_per_view", loss="ce",
+               query_views="both", key_views="all_but_self")
+
+
+@pytest.mark.parametrize("opts", [
+    dict(DEFAULT),
+    dict(DEFAULT, head="per_head", normalization="global", target="soft", loss="kl"),
+    dict(DEFAULT, head="linear", normalization="global", target="onehot_global", loss="l1"),
+])
+@pytest.mark.parametrize("chunk_size,backward", [(3, "fused"), (7, "fused"), (3, "checkpoint"), (7, "autograd")])
+def test_chunking_and_backward_modes_keep_value_and_gradients(problem, opts, chunk_size, backward):
+    for qpv in (None, 5):
+        got, _, want, leaves, _ = run_both(problem, opts, qpv, chunk_size=chunk_size, backward=backward)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_onehot_global_follows_the_match_cost_when_targets_carry_it(problem):
+    cost = problem[3]
+    opts = dict(DEFAULT, target="onehot_global")
+    with_cost, _, want, _, _ = run_both(problem, opts, cost=cost)
+    torch.testing.assert_close(with_cost, want, atol=1e-5, rtol=1e-5)
+    without_cost, *_ = run_both(problem, opts)
+    assert not torch.allclose(with_cost, without_cost)  # the cost really picks the view
+
+
+def test_onehot_global_counts_the_zero_rows():
+    """One query, two valid key views, target only in the nearer one: the mean is over 2 terms."""
+    Vt, hwt = 3, 4
+    targets = CorrespondenceTargets(
+        idx=torch.zeros(1, Vt * hwt, Vt, 1, dtype=torch.long),
+        weight=torch.ones(1, Vt * hwt, Vt, 1),
+        valid=torch.zeros(1, Vt * hwt, Vt, dtype=torch.bool),
+        grid=(Vt, 1, hwt),
+    )
+    targets.valid[0, 2 * hwt, 0] = targets.valid[0, 2 * hwt, 1] = True  # one target-view query
+    q = torch.zeros(1, 1, 1, 2)  # uniform attention: CE of a one-hot row is log(hw)
+    tap = TapResult(q=q, k=torch.randn(1, 1, Vt * hwt, 2), scale=1.0, grid=(Vt, 1, hwt),
+                    query_idx=torch.tensor([[2 * hwt]]))
+    per_view, _ = CameoLoss(1, head="mean", target="onehot_per_view")(tap, targets, num_ref=1)
+    global_, _ = CameoLoss(1, head="mean", target="onehot_global")(tap, targets, num_ref=1)
+    torch.testing.assert_close(per_view, torch.tensor(math.log(hwt)))
+    torch.testing.assert_close(global_, torch.tensor(math.log(hwt) / 2))
+
+
+@pytest.mark.parametrize("normalization,loss,expected", [
+    ("per_view", "ce", math.log(HW)),
+    ("per_view", "kl", math.log(HW)),
+    ("per_view", "l1", 2 * (1 - 1 / HW)),
+    ("global", "ce", math.log((V - 1) * HW)),
+    ("global", "l1", 2 * (1 - 1 / ((V - 1) * HW))),
+])
+def test_uniform_attention_gives_the_analytic_value(problem, normalization, loss, expected):
+    """q = 0: every key equally likely, so each term is known in closed form."""
+    _, k_all, targets, _ = problem
+    query_idx = torch.arange(N).expand(B, N)
+    tap = TapResult(q=torch.zeros(B, H, N, D), k=k_all, scale=D**-0.5, grid=(V, h, w), query_idx=query_idx)
+    cameo = CameoLoss(H, head="mean", normalization=normalization, loss=loss)
+    value, diag = cameo(tap, targets, NUM_REF)
+    torch.testing.assert_close(value, torch.tensor(2 * expected))  # reference mean + target mean
+    assert diag["pairs_ref"] > 0 and diag["pairs_tgt"] > 0
+
+
+@pytest.mark.parametrize("head", ["mean", "linear", "mlp", "per_head"])
+def test_gradients_reach_q_k_and_the_head(problem, head):
+    got, _, _, leaves, _ = run_both(problem, dict(DEFAULT, head=head))
+    got.backward()
+    for leaf in leaves:
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+
+
+def test_invalid_pairs_contribute_nothing(problem):
+    q_full, k_all, targets, _ = problem
+    cameo = CameoLoss(H, **DEFAULT)
+    query_idx = torch.arange(N).expand(B, N)
+    base, diag = cameo(tap_for(q_full, k_all, query_idx), targets, NUM_REF)
+    garbage = CorrespondenceTargets(
+        torch.where(targets.valid[..., None], targets.idx, -7),  # even out-of-range ids
+        torch.where(targets.valid[..., None], targets.weight, 123.0),
+        targets.valid, targets.grid,
+    )
+    again, _ = cameo(tap_for(q_full, k_all, query_idx), garbage, NUM_REF)
+    torch.testing.assert_close(again, base, atol=0, rtol=0)
+    fewer = targets.valid.clone()
+    fewer[0, N - 1] = False  # drop the pairs of one query: the value must move
+    assert targets.valid[0, N - 1].any()
+    changed, diag2 = cameo(tap_for(q_full, k_all, query_idx),
+                           CorrespondenceTargets(targets.idx, targets.weight, fewer, targets.grid), NUM_REF)
+    assert not torch.allclose(changed, base)
+    assert diag2["pairs_tgt"] == diag["pairs_tgt"] - targets.valid[0, N - 1].sum()
+
+
+def test_fused_backward_follows_the_outer_weight_and_frozen_inputs(problem):
+    """The fused mode stores gradients in the forward: they must still be scaled by lambda and
+    skip inputs that do not require grad (e.g. a frozen backbone, only the head trains)."""
+    got, _, want, leaves, _ = run_both(problem, dict(DEFAULT, normalization="global"))
+    lam = 0.02
+    for a, b in zip(torch.autograd.grad(lam * got, leaves), torch.autograd.grad(lam * want, leaves), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+    q_full, k_all, targets, _ = problem
+    cameo = CameoLoss(H, **DEFAULT)
+    value, _ = cameo(tap_for(q_full, k_all, torch.arange(N).expand(B, N)), targets, NUM_REF)
+    value.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in cameo.parameters())
+    with torch.no_grad():
+        again, _ = cameo(tap_for(q_full, k_all, torch.arange(N).expand(B, N)), targets, NUM_REF)
+    assert not again.requires_grad
+    torch.testing.assert_close(again, value.detach())
+
+
+@pytest.mark.parametrize("head", ["mlp", "linear"])
+def test_no_valid_pair_gives_zero_with_finite_gradient(problem, head):
+    q_full, k_all, targets, _ = problem
+    none = CorrespondenceTargets(targets.idx, targets.weight, torch.zeros_like(targets.valid), targets.grid)
+    cameo = CameoLoss(H, **dict(DEFAULT, head=head))
+    q_full, k_all = q_full.clone().requires_grad_(True), k_all.clone().requires_grad_(True)
+    value, diag = cameo(tap_for(q_full, k_all, cameo.select_queries(none, NUM_REF)), none, NUM_REF)
+    value.backward()
+    assert value.item() == 0.0 and diag["pairs_ref"] == 0 and diag["pairs_tgt"] == 0
+    for leaf in (q_full, k_all, *cameo.parameters()):
+        assert leaf.grad is not None and torch.all(leaf.grad == 0)
+
+
+def test_per_view_and_global_agree_with_one_key_view_and_differ_with_several(problem):
+    """Global softmax over a single supported key view is the per-view softmax."""
+    one = dict(DEFAULT, head="mean", query_views="targets", key_views="references")  # 1 reference
+    values = [run_both(problem, dict(one, normalization=n))[0] for n in ("per_view", "global")]
+    torch.testing.assert_close(values[0], values[1])
+    several = dict(DEFAULT, head="mean")
+    values = [run_both(problem, dict(several, normalization=n))[0] for n in ("per_view", "global")]
+    assert values[1] > values[0] + 0.1  # mass spread over more keys: a larger CE
+
+
+def test_select_queries_draws_valid_tokens_per_view(problem):
+    _, _, targets, _ = problem
+    cameo = CameoLoss(H, **dict(DEFAULT, query_views="targets"), queries_per_view=5)
+    picks = cameo.select_queries(targets, NUM_REF, torch.Generator().manual_seed(0))
+    assert picks.shape == (B, 2 * 5)
+    view = picks // HW
+    assert (view[:, :5] == 1).all() and (view[:, 5:] == 2).all()
+    has_pair = targets.valid.any(-1)  # [B, N]; own view is never valid
+    assert torch.gather(has_pair, 1, picks).all()  # enough valid tokens: only valid ones drawn
+    assert all(len(set(row.tolist())) == row.numel() for row in picks)
+    same = cameo.select_queries(targets, NUM_REF, torch.Generator().manual_seed(0))
+    other = cameo.select_queries(targets, NUM_REF, torch.Generator().manual_seed(1))
+    assert torch.equal(picks, same) and not torch.equal(picks, other)
+    # fewer valid tokens than asked: every valid one is taken, the rest is padding without pairs
+    sparse = targets.valid.clone()
+    sparse[:, HW:2 * HW] = False
+    sparse[:, HW + 3] = targets.valid[:, HW + 3] | torch.tensor([False, True, False])
+    t2 = CorrespondenceTargets(targets.idx, targets.weight, sparse, targets.grid)
+    picks = cameo.select_queries(t2, NUM_REF, torch.Generator().manual_seed(0))
+    assert (picks[:, :5] == HW + 3).any(1).all()
+    everything = CameoLoss(H, **DEFAULT).select_queries(targets, NUM_REF)
+    assert torch.equal(everything, torch.arange(N).expand(B, N))
+
+
+def test_runs_in_fp32_under_autocast(problem):
+    q_full, k_all, targets, _ = problem
+    cameo = CameoLoss(H, **DEFAULT)
+    query_idx = torch.arange(N).expand(B, N)
+    q16, k16 = q_full.bfloat16(), k_all.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low, _ = cameo(tap_for(q16, k16, query_idx), targets, NUM_REF)
+    ref, _ = cameo(tap_for(q16.float(), k16.float(), query_idx), targets, NUM_REF)
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_accuracy_diagnostic_reads_the_argmax(problem):
+    q_full, k_all, targets, _ = problem
+    cameo = CameoLoss(H, **dict(DEFAULT, head="mean"))
+    query_idx = torch.arange(N).expand(B, N)
+    with torch.no_grad():
+        Fz = naive_scores(q_full, k_all, "mean", {})  # [B, 1, N, V, HW]
+    best = Fz[:, 0].argmax(-1)[..., None]  # [B, N, V, 1]: targets at the attention argmax
+    hit = CorrespondenceTargets(best, torch.ones_like(best, dtype=torch.float), targets.valid, targets.grid)
+    _, diag = cameo(tap_for(q_full, k_all, query_idx), hit, NUM_REF)
+    assert diag["acc"].item() == 1.0
+    miss = CorrespondenceTargets((best + 1) % HW, hit.weight, targets.valid, targets.grid)
+    _, diag = cameo(tap_for(q_full, k_all, query_idx), miss, NUM_REF)
+    assert diag["acc"].item() == 0.0
+
+
+def test_bad_options_and_inputs_say_what_is_valid(problem):
+    with pytest.raises(ValueError, match="valid: .*'mlp'"):
+        CameoLoss(H, head="mlpp")
+    with pytest.raises(ValueError, match="queries_per_view"):
+        CameoLoss(H, query_sampling="per_view")
+    q_full, k_all, targets, _ = problem
+    tap = tap_for(q_full, k_all, torch.arange(N).expand(B, N))
+    with pytest.raises(ValueError, match="heads"):
+        CameoLoss(H + 1)(tap, targets, NUM_REF)
+    wrong_grid = CorrespondenceTargets(targets.idx[:, :, :, :], targets.weight, targets.valid, (V, w, h))
+    tap.grid = (V, 2, 8)
+    with pytest.raises(ValueError, match="grid"):
+        CameoLoss(H)(tap, wrong_grid, NUM_REF)
+
+
+def test_reads_the_tap_of_the_shared_attention(problem):
+    """End to end with `multiview_attention`: the rows it hands out for `select_queries` give the
+    same loss as the naive map on the q/k it attended with, and the gradient reaches them."""
+    from backbones.attention import multiview_attention
+    from backbones.interface import TapRequest, TapState
+
+    q_full, k_all, targets, _ = problem
+    cameo = CameoLoss(H, **dict(DEFAULT, target="onehot_global"), queries_per_view=6)
+    query_idx = cameo.select_queries(targets, NUM_REF, torch.Generator().manual_seed(5))
+    q_full, k_all = q_full.clone().requires_grad_(True), k_all.clone().requires_grad_(True)
+    state = TapState(num_views=V, request=TapRequest("layer_00", query_idx))
+    multiview_attention(q_full, k_all, torch.randn(B, H, N, D), grid=(V, h, w), cross_view=True,
+                        layer_name="layer_00", state=state)
+    got, _ = cameo(state.result, targets, NUM_REF)
+    want = naive_loss(naive_scores(q_full, k_all, "mlp", dict(cameo.named_parameters())), targets, None,
+                      query_idx, dict(DEFAULT, target="onehot_global"))
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.backward()
+    assert q_full.grad[:, :, query_idx[0]].abs().sum() > 0 and k_all.grad.abs().sum() > 0
