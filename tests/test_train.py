@@ -23,8 +23,9 @@ def smoke(tmp_path, *bindings):
     return exp
 
 
-def test_smoke_run_logs_losses_eval_and_checkpoint(tmp_path):
-    exp = smoke(tmp_path)
+@pytest.mark.parametrize("backbone", ["mv_dit", "mv_unet"])
+def test_smoke_run_logs_losses_eval_and_checkpoint(tmp_path, backbone):
+    exp = smoke(tmp_path, f"backbone.name = '{backbone}'")
     metrics = Trainer(exp).fit()
     assert "eval/psnr" in metrics and "eval/ssim" in metrics
     assert any(k.startswith("attn/") and k.endswith("/pck@1") for k in metrics)
