@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("cameo_bench.cli.train", "train one experiment from gin files"),
     "layers": ("cameo_bench.cli.layers", "list a backbone's attention layers (names for taps and sweeps)"),
     "eval": ("cameo_bench.cli.evaluate", "evaluate a trained run (NVS quality, attention correspondence)"),
+    "sweep": ("cameo_bench.cli.sweep", "run a grid of experiments from a sweep gin file (local pool or Slurm)"),
     "report": ("cameo_bench.cli.report",
                "convergence report of an MLflow experiment: curves, speed-ups with bootstrap CIs, sweep tables"),
     "data": ("cameo_bench.data.cli", "write synthetic scenes or convert real datasets to scene folders"),

@@ -345,17 +345,8 @@ def create_failed_run(experiment: str, run_name: str, tags: dict[str, str], erro
 def end_run(run_id: str, status: str, error: str | None = None, uri: str | None = None) -> None:
     client = MlflowClient(tracking_uri=uri or default_tracking_uri())
     if error:
-        client.set_tag(run_id, "error", error[:5000])
+        client.set_tag(run_id, "error", error[:MAX_TAG_CHARS])
     client.set_terminated(run_id, status=status)
-
-
-def run_status(run_id: str, uri: str | None = None) -> str | None:
-    """The run's status, or None if this store has no such run (e.g. a run folder from another store)."""
-    client = MlflowClient(tracking_uri=uri or default_tracking_uri())
-    try:
-        return client.get_run(run_id).info.status
-    except mlflow.exceptions.MlflowException:
-        return None
 
 
 def clear_error(run_id: str, uri: str | None = None) -> None:

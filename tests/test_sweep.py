@@ -1,0 +1,236 @@
+"""Sweeps: grid expansion with baseline collapsing, stable trial ids, dry-run, and real sweeps on
+the spawn pool and on submitit's local backend, with one trial made to fail."""
+import argparse
+import hashlib
+import pathlib
+import textwrap
+
+import pytest
+
+from cameo_bench import sweep, tracking
+from cameo_bench.cli import sweep as sweep_cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = str(REPO / "gin" / "experiments" / "smoke.gin")
+FAST = ["eval.every = 0", "train.steps = 2", "train.checkpoint_every = 1"]
+BAD_LAYER = "blocks.99.attn"  # the micro DiT has blocks.00.attn and blocks.01.attn
+
+
+def make_spec(axes, fixed=(), **kw):
+    return sweep.SweepSpec(name=kw.pop("name", "t"), base=[SMOKE], axes=axes, fixed=list(fixed), **kw)
+
+
+def as_set(trials):
+    return {(t.baseline, frozenset(t.bindings.items())) for t in trials}
+
+
+def point(baseline, **bindings):
+    return baseline, frozenset((k.replace("__", "."), v) for k, v in bindings.items())
+
+
+def cli(argv):
+    parser = argparse.ArgumentParser()
+    sweep_cli.add_arguments(parser)
+    return sweep_cli.run(parser.parse_args([str(a) for a in argv]))
+
+
+def write_sweep(folder, name, axes, fixed=FAST, extra=""):
+    path = pathlib.Path(folder) / f"{name}.gin"
+    path.write_text(textwrap.dedent(f"""\
+        # test sweep {name}
+        sweep.name = '{name}'
+        sweep.base = [{SMOKE!r}]
+        sweep.fixed = {list(fixed)!r}
+        sweep.axes = {axes!r}
+        sweep.output_dir = {str(pathlib.Path(folder) / 'runs')!r}
+        """) + extra)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# expansion (no training)
+
+
+def test_grid_is_the_cartesian_product_with_lambda_zero_collapsed_per_seed():
+    spec = make_spec({"cameo.weight": [0.0, 0.1], "cameo.layer": ["a", "b"], "run_experiment.seed": [0, 1]},
+                     fixed=["train.steps = 3"])
+    trials = sweep.expand(spec, {"weight": 0.5, "source": "depth"})
+    expected = {
+        point(True, train__steps="3", run_experiment__seed="0", cameo__weight="0.0"),
+        point(True, train__steps="3", run_experiment__seed="1", cameo__weight="0.0"),
+    } | {
+        point(False, train__steps="3", cameo__weight="0.1", cameo__layer=repr(layer), run_experiment__seed=str(seed))
+        for layer in "ab" for seed in (0, 1)
+    }
+    assert len(trials) == 6 and as_set(trials) == expected
+
+
+def test_source_none_and_int_zero_weight_collapse_into_the_same_baseline():
+    spec = make_spec({"cameo.source": ["depth", "none"], "cameo.weight": [0, 0.2], "backbone.preset": ["micro", "tiny"]})
+    trials = sweep.expand(spec, {"weight": 0.5, "source": "depth"})
+    expected = {point(True, backbone__preset=repr(p), cameo__weight="0.0") for p in ("micro", "tiny")}
+    expected |= {point(False, cameo__source="'depth'", cameo__weight="0.2", backbone__preset=repr(p))
+                 for p in ("micro", "tiny")}
+    assert as_set(trials) == expected
+
+
+def test_named_axis_varies_bindings_together_and_axes_override_fixed():
+    spec = make_spec({"source": [{"cameo.source": "noisy_depth", "cameo.source_options": {"noise": 0.1}},
+                                 {"cameo.source": "shuffled"}, {"cameo.source": "none", "data.seed": 3}]},
+                     fixed=["cameo.source = 'depth'", "train.steps = 5"])
+    expected = {
+        point(False, cameo__source="'noisy_depth'", cameo__source_options="{'noise': 0.1}", train__steps="5"),
+        point(False, cameo__source="'shuffled'", train__steps="5"),
+        # the baseline drops the cameo.* values of its point (and the fixed one they override) but keeps data.seed
+        point(True, data__seed="3", cameo__weight="0.0", train__steps="5", cameo__source="'depth'"),
+    }
+    assert as_set(sweep.expand(spec, {"weight": 0.5})) == expected
+
+
+def test_a_lambda_zero_base_makes_every_layer_point_one_baseline():
+    spec = make_spec({"cameo.layer": ["a", "b", "c"], "run_experiment.seed": [0, 1]})
+    trials = sweep.expand(spec, {"weight": 0.0, "source": "depth"})
+    assert as_set(trials) == {point(True, run_experiment__seed=s, cameo__weight="0.0") for s in ("0", "1")}
+
+
+def test_trial_ids_hash_the_sorted_bindings_and_ignore_axis_order():
+    a = sweep.expand(make_spec({"cameo.weight": [0.0, 0.5], "run_experiment.seed": [0]}, ["train.steps = 3"]), {})
+    b = sweep.expand(make_spec({"run_experiment.seed": [0], "cameo.weight": [0.5, 0.0]}, ["train.steps=3"]), {})
+    by_weight = {t.bindings["cameo.weight"]: t.id for t in a}
+    lines = "cameo.weight = 0.5\nrun_experiment.seed = 0\ntrain.steps = 3"
+    assert by_weight["0.5"] == hashlib.sha1(lines.encode()).hexdigest()[:12]
+    assert {t.id for t in a} == {t.id for t in b} and len({t.id for t in a}) == 2
+    c = sweep.expand(make_spec({"cameo.weight": [0.5], "run_experiment.seed": [0]}, ["train.steps = 4"]), {})
+    assert c[0].id != by_weight["0.5"]
+
+
+def test_dry_run_lists_ids_bindings_and_count(tmp_path, capsys):
+    path = write_sweep(tmp_path, "dry", {"cameo.weight": [0.0, 0.5], "cameo.layer": ["blocks.00.attn", "blocks.01.attn"]})
+    assert cli([path, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    trials = sweep.plan(sweep.load(path)).trials
+    assert len(trials) == 3 and "3 trials (1 baseline, 2 CAMEO)" in out
+    for trial in trials:
+        line = next(line for line in out.splitlines() if line.startswith(trial.id))
+        assert ("baseline" in line) == trial.baseline
+        if not trial.baseline:
+            assert trial.bindings["cameo.layer"] in line and "cameo.weight = 0.5" in line
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_sweep_file_errors_name_file_line_and_key(tmp_path, capsys):
+    path = write_sweep(tmp_path, "bad", {"cameo.weight": [0.5]}, extra="train.steps = 3\n")
+    assert cli([path, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "line 7" in err and "sweep.fixed" in err
+    typo = write_sweep(tmp_path, "typo", {"cameo.wieght": [0.5]})
+    with pytest.raises(sweep.SweepError, match="wieght"):
+        sweep.plan(sweep.load(typo))
+    named = write_sweep(tmp_path, "named", {"variant": ["mlp"]})
+    with pytest.raises(sweep.SweepError, match="named axis"):
+        sweep.load(named)
+
+
+@pytest.mark.parametrize("path", sorted(REPO.glob("gin/sweeps/*.gin")), ids=lambda p: p.name)
+def test_shipped_sweeps_expand_and_every_trial_parses(path):
+    text = path.read_text()
+    assert "Command:" in text and "Expected runtime:" in text
+    p = sweep.plan(sweep.load(path))  # parses every trial's gin config
+    baselines = [t for t in p.trials if t.baseline]
+    assert baselines and len(baselines) < len(p.trials)
+    assert all(t.bindings["cameo.weight"] == "0.0" and not any(k.startswith("cameo.") and k != "cameo.weight"
+                                                                for k in t.varied) for t in baselines)
+
+
+def test_lambda_sweep_is_log_spaced_from_0005_to_05():
+    spec = sweep.load(REPO / "gin" / "sweeps" / "lambda.gin")
+    weights = sorted(w for w in spec.axes["cameo.weight"] if w > 0)
+    assert weights[0] == 0.005 and weights[-1] == 0.5
+    ratios = [b / a for a, b in zip(weights, weights[1:])]
+    assert all(1.9 < r < 2.6 for r in ratios)  # 1-2-5 steps: ratios 2, 2.5
+
+
+# ---------------------------------------------------------------------------------------------
+# tracking and running
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One sqlite store for the module: creating the schema is the slow part."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    return tracking.ensure_store(uri)
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch, store):
+    monkeypatch.chdir(tmp_path)  # MLflow artifacts land under ./mlruns
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    return tmp_path
+
+
+def test_a_trial_whose_worker_died_is_recorded_as_failed(in_tmp, store):
+    from cameo_bench.sweep_executors import ensure_failed_in_store
+
+    payload = {"tracking_uri": store, "experiment": "died", "sweep": "died", "trial": "abc", "label": "x",
+               "baseline": False, "parent_run_id": None}
+    result = sweep.TrialResult("abc", "FAILED", "worker died: BrokenProcessPool")
+    ensure_failed_in_store(result, payload)
+    runs = tracking.find_runs("died", {"sweep.trial": "abc"}, store)
+    assert len(runs) == 1 and runs[0]["status"] == "FAILED" and "BrokenProcessPool" in runs[0]["tags"]["error"]
+    ensure_failed_in_store(result, payload)  # idempotent: no second run
+    assert len(tracking.find_runs("died", {"sweep.trial": "abc"}, store)) == 1
+
+
+def _children(name, store):
+    return {r["tags"]["sweep.trial"]: r for r in tracking.find_runs(name, {"sweep.name": name}, store)
+            if "sweep.trial" in r["tags"]}
+
+
+@pytest.mark.slow
+def test_local_pool_sweep_with_a_failing_trial_then_resume(in_tmp, store, capsys):
+    import mlflow
+
+    path = write_sweep(in_tmp, "pool", {"cameo.weight": [0.0, 0.5], "cameo.layer": ["blocks.00.attn", BAD_LAYER]})
+    trials = {t.id: t for t in sweep.plan(sweep.load(path)).trials}
+    bad = next(t.id for t in trials.values() if t.bindings.get("cameo.layer") == repr(BAD_LAYER))
+    assert len(trials) == 3
+
+    assert cli([path, "--workers", 2]) == 1
+    captured = capsys.readouterr()
+    assert "1 trial(s) FAILED" in captured.err and bad in captured.err and BAD_LAYER in captured.err, captured
+    runs = _children("pool", store)
+    assert set(runs) == set(trials)
+    statuses = {k: r["status"] for k, r in runs.items()}
+    assert statuses == {k: "FAILED" if k == bad else "FINISHED" for k in trials}, captured.err
+    assert "UnknownLayerError" in runs[bad]["tags"]["error"] and BAD_LAYER in runs[bad]["tags"]["error"]
+    assert {k: r["tags"]["variant"] for k, r in runs.items()} == {
+        k: "baseline" if t.baseline else "cameo" for k, t in trials.items()}
+    parent = tracking.find_runs("pool", {"sweep.role": "parent"}, store)
+    assert len(parent) == 1 and parent[0]["status"] == "FAILED"
+    assert all(r["tags"]["mlflow.parentRunId"] == parent[0]["run_id"] for r in runs.values())
+    client = mlflow.tracking.MlflowClient(store)
+    good = next(k for k in trials if k != bad)
+    history = client.get_metric_history(runs[good]["run_id"], "train/loss_diffusion")
+    assert sorted(m.step for m in history) == [1, 2]
+    assert (in_tmp / "runs" / "pool" / good / "checkpoints" / "latest.pt").exists()
+
+    # Starting the sweep again skips the finished trials and restarts only the failed one, in its own run.
+    assert cli([path, "--workers", 0]) == 1
+    out = capsys.readouterr().out
+    assert "2 already finished, 1 to run" in out and f"[1/1] {bad} FAILED" in out
+    again = _children("pool", store)
+    assert {k: r["run_id"] for k, r in again.items()} == {k: r["run_id"] for k, r in runs.items()}
+    assert again[bad]["status"] == "FAILED" and len(tracking.find_runs("pool", {}, store)) == 4
+
+
+@pytest.mark.slow
+def test_submitit_local_backend_runs_a_trial(in_tmp, store):
+    spec = make_spec({"cameo.weight": [0.0]}, fixed=["eval.every = 0", "train.steps = 1"], name="submitit_local",
+                     output_dir=str(in_tmp / "runs"), executor="slurm",
+                     slurm={"cluster": "local", "timeout_min": 10, "poll_seconds": 0.5})
+    p = sweep.plan(spec)
+    results = sweep.run(p, uri=store, echo=lambda *_: None)
+    assert [(r.status, r.error) for r in results] == [("FINISHED", None)]
+    runs = _children("submitit_local", store)
+    assert [r["status"] for r in runs.values()] == ["FINISHED"] and runs[p.trials[0].id]["tags"]["variant"] == "baseline"
+    assert list((in_tmp / "runs" / "submitit_local" / "submitit").glob("*_log.out"))  # it went through submitit
