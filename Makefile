@@ -16,8 +16,9 @@ install: .venv/.installed
 test: install
 	$(PY) -m pytest -q
 
+# baseline vs CAMEO on both tiny backbones, then a side-by-side table (gin/sweeps/quickstart.gin)
 quickstart: install
-	$(PY) -m cameo_bench train gin/experiments/quickstart.gin
+	OMP_NUM_THREADS=1 $(PY) -m cameo_bench sweep gin/sweeps/quickstart.gin --workers 2 --summary
 
 bench: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests/benchmarks -q --benchmark-enable \

@@ -110,9 +110,12 @@ def camera_conditioning(
         raise ValueError(
             f"cond_mask must have shape [B, V] = {tuple(c2w.shape[:2])}, got {tuple(cond_mask.shape)}"
         )
-    if relative:
-        c2w = relative_cameras(c2w, ref_index=ref_index)
-    rays = plucker_rays(K, c2w, H, W)  # [B, V, 6, H, W]
+    # Camera geometry stays in the input precision under autocast: bf16 matmuls would mix dtypes
+    # in the cross product and blur the rays.
+    with torch.autocast(device_type=c2w.device.type, enabled=False):
+        if relative:
+            c2w = relative_cameras(c2w, ref_index=ref_index)
+        rays = plucker_rays(K, c2w, H, W)  # [B, V, 6, H, W]
     mask = cond_mask.to(rays.dtype)[:, :, None, None, None].expand(-1, -1, 1, H, W)  # [B, V, 1, H, W]
     return torch.cat([rays, mask], dim=2)
 

@@ -208,3 +208,16 @@ def test_camera_encoder_rejects_bad_sizes():
     enc = CameraEncoder(out_channels=4, downsample=4, hidden=4)
     with pytest.raises(ValueError, match="divisible"):
         enc(torch.zeros(1, 7, 10, 12))
+
+
+def test_camera_conditioning_under_bf16_autocast_stays_fp32():
+    """Autocast must not turn the ray geometry into bf16 (the cross product then mixes dtypes)."""
+    from backbones.camera import camera_conditioning
+
+    K = torch.tensor([[8.0, 0, 3.5], [0, 8.0, 3.5], [0, 0, 1]]).expand(1, 2, 3, 3)
+    c2w = torch.eye(4).repeat(1, 2, 1, 1)
+    c2w[0, 1, 0, 3] = 1.0
+    plain = camera_conditioning(K, c2w, torch.tensor([[0.0, 1.0]]), 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = camera_conditioning(K, c2w, torch.tensor([[0.0, 1.0]]), 8, 8)
+    assert auto.dtype == torch.float32 and torch.equal(plain, auto)

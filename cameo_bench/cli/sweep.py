@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra binding for every trial, e.g. --fixed 'train.steps = 20' (changes trial ids)")
     parser.add_argument("--gin_param", "--gin-param", action="append", default=[], metavar="BINDING",
                         help="override a sweep.* value, e.g. --gin_param 'sweep.workers = 4'")
+    parser.add_argument("--summary", action="store_true",
+                        help="print a side-by-side table of every trial's last evaluation at the end")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
 
 
@@ -43,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     slurm = {"cluster": args.cluster} if args.cluster else None
     results = sweep.run(plan, executor=args.executor, workers=args.workers, uri=args.tracking_uri, slurm=slurm)
+    if args.summary:
+        from cameo_bench.summary import summary_table
+
+        print(summary_table(plan))
     report = sweep.failure_report(plan, results)
     if report:
         print(report, file=sys.stderr)
