@@ -13,8 +13,9 @@ install: .venv/.installed
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# one torch thread per process: tests are many small ops, and threads oversubscribe a shared 2-core box
 test: install
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 # baseline vs CAMEO on both tiny backbones, then a side-by-side table (gin/sweeps/quickstart.gin)
 quickstart: install

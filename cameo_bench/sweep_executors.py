@@ -30,8 +30,7 @@ def run_trial(payload: dict[str, Any]) -> TrialResult:
     import signal
     import threading
 
-    from cameo_bench import config, tracking
-    from cameo_bench.cli.train import OperativeConfigLog, Terminated, _on_sigterm, run_tags
+    from cameo_bench.cli.train import Terminated, _on_sigterm
 
     start = time.perf_counter()
     uri = payload["tracking_uri"]
@@ -40,8 +39,22 @@ def run_trial(payload: dict[str, Any]) -> TrialResult:
         import torch
 
         torch.set_num_threads(payload["threads"])
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    installed = (threading.current_thread() is threading.main_thread()
+                 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if installed:
         signal.signal(signal.SIGTERM, _on_sigterm)  # a killed worker's run ends KILLED, not RUNNING forever
+    try:
+        return _run_trial(payload, start, Terminated)
+    finally:
+        if installed:  # an in-process trial (--workers 0, debug executor) must not leave it behind
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run_trial(payload: dict, start: float, Terminated: type) -> "TrialResult":
+    from cameo_bench import config, tracking
+    from cameo_bench.cli.train import OperativeConfigLog, run_tags
+
+    uri = payload["tracking_uri"]
     run_dir = pathlib.Path(payload["run_dir"])
     tracker, fitting = None, False
 
