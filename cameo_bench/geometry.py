@@ -151,7 +151,31 @@ def relative_pose(c2w_i, c2w_j) -> torch.Tensor:  # [..., 4, 4]
 
 
 def _valid_depth(depth: torch.Tensor) -> torch.Tensor:
-    return torch.isfinite(depth) & (depth > 0)
+    """0 < depth < inf: the same set as `isfinite & > 0` (NaN fails both comparisons) in three
+    cheap ops instead of the five `isfinite` expands to."""
+    return (depth > 0) & (depth < math.inf)
+
+
+def _rows(M: torch.Tensor, data_ndim: int, num_rows: int | None = None) -> list[list[torch.Tensor]]:
+    """Entries M[r][c] of [*batch, rows, cols] matrices, each shaped to broadcast against a
+    per-pixel component of `data_ndim` dims (camera batch dims aligned to the leading ones)."""
+    M = _align(M, data_ndim)
+    return [[M[..., r, c] for c in range(M.shape[-1])] for r in range(num_rows or M.shape[-2])]
+
+
+def _affine(M: list[list[torch.Tensor]], x, y, z, translation: bool = False) -> list[torch.Tensor]:
+    """Rows of M @ (x, y, z) (+ the fourth column when `translation`), one component per row.
+
+    Written out per component on [..., H, W] tensors rather than as batched [3, 3] @ [3, 1]
+    matmuls on an interleaved [..., H, W, 3] layout, which cost several times more at these sizes.
+    The sum runs left to right without fused multiply-add, as the matmul kernels do for a 3-term
+    product, so the results equal `_transform` / `_project_cam` bit for bit.
+    """
+    out = []
+    for row in M:
+        acc = row[0] * x + row[1] * y + row[2] * z
+        out.append(acc + row[3] if translation else acc)
+    return out
 
 
 def reproject(
@@ -180,6 +204,9 @@ def reproject(
         bilinear neighbour with non-zero weight has invalid depth (silhouettes, holes). In the outer
         half-pixel band the sampling position is clamped to the border pixel centres.
     The image size of view j comes from depth_j, else `image_size_j` (H_j, W_j), else view i's size.
+    Leading dims broadcast, so all V x V view pairs are one call: depth_i [B, V, 1, H, W] with
+    cameras i [B, V, 1, ...], cameras j [B, 1, V, ...] and depth_j [B, 1, V, H_j, W_j]; each
+    distinct depth_j map is then prepared once for the occlusion test, not once per pair.
     Numpy inputs are accepted; the outputs are torch tensors.
     """
     depth_i = _as_tensor(depth_i)
@@ -207,75 +234,105 @@ def reproject(
     else:
         H_j, W_j = depth_i.shape[-2:]
 
-    valid_i = _valid_depth(depth_i)  # [..., H, W]
-    safe_depth = torch.where(valid_i, depth_i, torch.ones_like(depth_i))
+    # Per-pixel work runs on separate x / y / z components [..., H, W]; camera entries broadcast in.
+    nd = depth_i.ndim
     H, W = depth_i.shape[-2:]
-    uv1 = torch.cat(
-        [pixel_grid(H, W, dtype, depth_i.device), torch.ones(H, W, 1, dtype=dtype, device=depth_i.device)],
-        dim=-1,
-    )  # [H, W, 3]
-    points_i = (_align(torch.linalg.inv(K_i), depth_i.ndim) @ uv1[..., None])[..., 0]
-    points_i = points_i * safe_depth[..., None]  # [..., H, W, 3] in camera i
+    valid_i = _valid_depth(depth_i)  # [..., H, W]
+    safe_depth = torch.where(valid_i, depth_i, 1.0)
+    u_i = torch.arange(W, dtype=dtype, device=depth_i.device).expand(H, W)  # [H, W] pixel centres
+    v_i = torch.arange(H, dtype=dtype, device=depth_i.device)[:, None].expand(H, W)
+    ray = _affine(_rows(torch.linalg.inv(K_i), nd), u_i, v_i, 1.0)  # 3 x [..., H, W], z = 1
+    points_i = [c * safe_depth for c in ray]  # camera i
     # Going straight from camera i to camera j (one composed transform) keeps float32 error small.
-    points_j = _transform(relative_pose(c2w_i, c2w_j), points_i)  # [..., H, W, 3] in camera j
-    z_j = points_j[..., 2]
+    x_j, y_j, z_j = _affine(_rows(relative_pose(c2w_i, c2w_j), nd, 3), *points_i, translation=True)
     in_front = z_j > MIN_DEPTH
-    uv_j, _ = _project_cam(torch.where(in_front[..., None], points_j, torch.ones_like(points_j)), K_j)
-    u, v = uv_j[..., 0], uv_j[..., 1]
+    # Only z needs guarding, and only where the pixel is invalid anyway (z_j <= MIN_DEPTH).
+    z_safe = z_j.clamp(min=MIN_DEPTH)
+    hx, hy = _affine(_rows(K_j, nd, 2), x_j, y_j, z_safe)
+    u, v = hx / z_safe, hy / z_safe  # [..., H, W] pixels of view j
     inside = (u >= -0.5) & (u < W_j - 0.5) & (v >= -0.5) & (v < H_j - 0.5)
     valid = valid_i & in_front & inside
 
     if depth_j is not None:
-        depth_j = depth_j.to(dtype)
-        sampled, neighbours_ok = _sample_inverse_depth(depth_j, uv_j)
-        visible = neighbours_ok & ((z_j - sampled).abs() <= rel_tol * sampled)
-        valid = valid & visible
+        inverse, lowest = _sample_inverse_depth(depth_j.to(dtype), u, v)
+        sampled = inverse.reciprocal()  # D_j(u, v)
+        # lowest >= 0: no weighted neighbour is invalid. The inverse is then > 0 as well: some
+        # weight is >= 1/4 and a valid inverse depth is >= 1 / float max.
+        valid = valid & (lowest >= 0) & ((z_j - sampled).abs() <= rel_tol * sampled)
 
-    uv_j = torch.where(valid[..., None], uv_j, torch.zeros_like(uv_j))
+    # Filling the two channels of a preallocated [..., 2] is ~3x cheaper than stacking on the last
+    # dim, and slice assignment (unlike `out=`) keeps uv_j differentiable.
+    uv_j = torch.empty(*valid.shape, 2, dtype=dtype, device=depth_i.device)
+    uv_j[..., 0] = torch.where(valid, u, 0.0)
+    uv_j[..., 1] = torch.where(valid, v, 0.0)
     return uv_j, valid
 
 
-def _sample_inverse_depth(depth: torch.Tensor, uv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bilinear depth lookup through inverse depth.
+def _shared_maps(depth: torch.Tensor) -> torch.Tensor:
+    """Drop the copies of an expanded (stride-0) leading dim, so per-map work runs once per map."""
+    index = tuple(
+        slice(0, 1) if stride == 0 and size > 1 else slice(None)
+        for size, stride in zip(depth.shape[:-2], depth.stride()[:-2])
+    )
+    return depth[index]
 
-    depth [..., Hj, Wj], uv [..., H, W, 2] (same leading dims, or broadcastable to them). Returns
-    (depth [..., H, W], ok [..., H, W]) where ok is False when any neighbour carrying weight is invalid.
+
+def _signed_inverse(depth: torch.Tensor) -> torch.Tensor:
+    """1 / depth where the depth is valid, a number in [-4, -4/3] where it is not.
+
+    Arithmetic only (comparisons and `where` are several times slower on CPU): non-finite -> -1,
+    clamp to >= -1/4, then add (sign(d) - 1) / 4, which is exactly 0 for d > 0 (valid depths are
+    kept to the bit) and moves [-1/4, 0] to [-3/4, -1/4]. The invalid marker's magnitude is >= 1
+    so that even the smallest non-zero bilinear weight times it stays negative (no underflow to
+    -0). A tiny positive depth whose inverse overflows stays +inf, as 1 / depth gives.
     """
+    d = torch.nan_to_num(depth, nan=-1.0, posinf=-1.0, neginf=-1.0).clamp(min=-0.25)
+    return torch.add(d, d.sign() - 1, alpha=0.25).reciprocal()
+
+
+def _sample_inverse_depth(
+    depth: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear lookup of inverse depth: depth [..., Hj, Wj] at u / v [..., H, W] (leading dims
+    broadcast against each other) -> (inverse depth [..., H, W], lowest [..., H, W]).
+
+    The lookup is only meaningful where lowest >= 0, i.e. no neighbour that carries weight has
+    invalid depth. Inverse depth is prepared once per distinct map, before any broadcasting to the
+    sample points, with a negative marker on invalid pixels (`_signed_inverse`); so each product
+    weight * inverse depth is >= 0 exactly when its neighbour is valid or has zero weight (it then
+    adds -0 or +0, and the sum equals a zero-filled bilinear sum), and `lowest`, the smallest of
+    the four products, carries the whole validity test in float ops. The four neighbours are flat
+    index_selects into the prepared maps.
+    """
+    depth = _shared_maps(depth)
     Hj, Wj = depth.shape[-2:]
-    lead = torch.broadcast_shapes(depth.shape[:-2], uv.shape[:-3])
-    depth = depth.expand(*lead, Hj, Wj).reshape(-1, Hj * Wj)  # [L, Hj*Wj]
-    uv = uv.expand(*lead, *uv.shape[-3:])
-    H, W = uv.shape[-3:-1]
-    uv = uv.reshape(-1, H * W, 2)  # [L, P, 2]
+    lead = torch.broadcast_shapes(depth.shape[:-2], u.shape[:-2])
+    maps = depth.reshape(-1, Hj * Wj)  # [L, Hj*Wj]
+    inv = _signed_inverse(maps).reshape(-1)  # [L*Hj*Wj]
+    index_dtype = torch.int32 if inv.numel() < 2**31 else torch.int64
 
-    ok_map = _valid_depth(depth)
-    safe = torch.where(ok_map, depth, torch.ones_like(depth))
-    inv = torch.where(ok_map, 1.0 / safe, torch.zeros_like(depth))  # [L, Hj*Wj]
-
-    u = uv[..., 0].clamp(0, Wj - 1)
-    v = uv[..., 1].clamp(0, Hj - 1)
-    x0 = u.floor().clamp(max=Wj - 1)
-    y0 = v.floor().clamp(max=Hj - 1)
+    # nan_to_num: a NaN position (only from non-finite inputs) must still index inside the map.
+    u = torch.nan_to_num(u, nan=0.0).clamp(0, Wj - 1)
+    v = torch.nan_to_num(v, nan=0.0).clamp(0, Hj - 1)
+    x0, y0 = u.floor(), v.floor()
     fx, fy = u - x0, v - y0  # in [0, 1)
-    x0, y0 = x0.long(), y0.long()
-    x1 = (x0 + 1).clamp(max=Wj - 1)
-    y1 = (y0 + 1).clamp(max=Hj - 1)
+    x1, y1 = (x0 + 1).clamp(max=Wj - 1), (y0 + 1).clamp(max=Hj - 1)
+    x0, x1 = x0.to(index_dtype), x1.to(index_dtype)
+    base = torch.arange(maps.shape[0], dtype=index_dtype, device=depth.device) * (Hj * Wj)
+    base = base.reshape(*depth.shape[:-2], 1, 1)  # first pixel of each map
+    row0 = y0.to(index_dtype) * Wj + base  # [..., H, W]
+    row1 = y1.to(index_dtype) * Wj + base
+    gx, gy = 1 - fx, 1 - fy
 
-    value = torch.zeros_like(u)
-    ok = torch.ones_like(u, dtype=torch.bool)
-    for yy, xx, weight in (
-        (y0, x0, (1 - fx) * (1 - fy)),
-        (y0, x1, fx * (1 - fy)),
-        (y1, x0, (1 - fx) * fy),
-        (y1, x1, fx * fy),
-    ):
-        idx = yy * Wj + xx  # [L, P]
-        value = value + weight * torch.gather(inv, 1, idx)
-        ok = ok & (torch.gather(ok_map, 1, idx) | (weight == 0))
-
-    ok = ok & (value > 0)
-    sampled = torch.where(ok, 1.0 / torch.where(ok, value, torch.ones_like(value)), torch.zeros_like(value))
-    return sampled.reshape(*lead, H, W), ok.reshape(*lead, H, W)
+    value = lowest = None
+    neighbours = ((row0, x0, gx * gy), (row0, x1, fx * gy), (row1, x0, gx * fy), (row1, x1, fx * fy))
+    for row, col, weight in neighbours:
+        index = row + col
+        term = weight * inv.index_select(0, index.reshape(-1)).reshape(index.shape)
+        value = term if value is None else value + term
+        lowest = term if lowest is None else torch.minimum(lowest, term)
+    shape = (*lead, *u.shape[-2:])
+    return value.reshape(shape), lowest.reshape(shape)
 
 
 def look_at(eye, target, up: Sequence[float] | torch.Tensor = (0.0, 0.0, 1.0)) -> torch.Tensor:

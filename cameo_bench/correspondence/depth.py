@@ -12,6 +12,7 @@ from cameo_bench.correspondence.registry import register_source
 from cameo_bench.correspondence.targets import CorrespondenceTargets
 from cameo_bench.correspondence.tokens import (
     assemble,
+    assemble_all_pairs,
     centre_offset,
     group_patches,
     histogram_topk,
@@ -54,24 +55,26 @@ def depth_targets(
         raise ValueError(f"k must be >= 1, got {k}")
     V, h, w = grid
     B = depth.shape[0]
-    vi, vj = view_pairs(V, depth.device)
-    K_j, c2w_j, depth_j = intrinsics[:, vj], cam2world[:, vj], depth[:, vj]  # [B, P, ...]
 
     if mode == "center":
         off = centre_offset(stride)
         depth_c = depth[..., off::stride, off::stride]  # [B, V, h, w]: one pixel per token
         K_c = subsample_intrinsics(intrinsics, stride, off)  # its pixel grid is the token grid
+        # All V x V pairs by broadcasting (query view on dim 1, key view on dim 2): each key view's
+        # depth map is then read once, not copied per pair, which costs more than the V wasted
+        # own-view pairs (dropped right after).
         uv, ok = reproject(
-            depth_c[:, vi], K_c[:, vi], cam2world[:, vi], K_j, c2w_j, depth_j=depth_j, rel_tol=rel_tol
-        )  # [B, P, h, w, 2], [B, P, h, w]
-        idx = rearrange(pixel_to_token(uv, stride, h, w), "b p h w -> b p (h w) 1")
-        valid = rearrange(ok, "b p h w -> b p (h w)")
-        weight = valid[..., None].float()
-        return assemble(idx, weight, valid, grid, vi, vj)
+            depth_c[:, :, None], K_c[:, :, None], cam2world[:, :, None],
+            intrinsics[:, None], cam2world[:, None], depth_j=depth[:, None], rel_tol=rel_tol,
+        )  # [B, V, V, h, w, 2], [B, V, V, h, w]
+        idx = rearrange(pixel_to_token(uv, stride, h, w), "b vi vj h w -> b vi vj (h w) 1")
+        return assemble_all_pairs(idx, rearrange(ok, "b vi vj h w -> b vi vj (h w)"), grid)
 
     # Every pixel of every pair: bound the temporaries at paper scale (512^2 px, 12 pairs) by
     # running the flattened (sample, pair) axis in chunks; at CPU sizes this is one chunk.
+    vi, vj = view_pairs(V, depth.device)
     P = vi.numel()
+    K_j, c2w_j, depth_j = intrinsics[:, vj], cam2world[:, vj], depth[:, vj]  # [B, P, ...]
     kk = 1 if mode == "argmax" else k
     flat = lambda x: x.flatten(0, 1)  # noqa: E731  [B, P, ...] -> [B*P, ...]
     inputs = tuple(

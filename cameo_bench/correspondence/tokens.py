@@ -53,10 +53,15 @@ def token_centres(h: int, w: int, stride: int, dtype=torch.float32, device=None)
 
 
 def pixel_to_token(uv: torch.Tensor, stride: int, h: int, w: int) -> torch.Tensor:  # [...] long
-    """Token index (row-major within the view) of the pixel footprint containing uv [..., 2]."""
-    col = torch.floor((uv[..., 0] + 0.5) / stride).long().clamp(0, w - 1)
-    row = torch.floor((uv[..., 1] + 0.5) / stride).long().clamp(0, h - 1)
-    return row * w + col
+    """Token index (row-major within the view) of the pixel footprint containing uv [..., 2].
+
+    Positions outside the image go to the nearest border token (NaN to token 0). The arithmetic
+    stays in floating point, exact for any grid below 2^24 tokens, with one conversion at the
+    end: int64 tensor ops cost several times more than float ones on CPU.
+    """
+    col = torch.nan_to_num(torch.floor((uv[..., 0] + 0.5) / stride), nan=0.0).clamp(0, w - 1)
+    row = torch.nan_to_num(torch.floor((uv[..., 1] + 0.5) / stride), nan=0.0).clamp(0, h - 1)
+    return (row * w + col).long()
 
 
 def token_xy(idx: torch.Tensor, w: int) -> torch.Tensor:  # [..., 2] float (col, row)
@@ -130,6 +135,36 @@ def assemble(
         idx=rearrange(out_idx, "vi vj b t k -> b (vi t) vj k"),
         weight=rearrange(out_w, "vi vj b t k -> b (vi t) vj k"),
         valid=rearrange(out_valid, "vi vj b t -> b (vi t) vj"),
+        grid=(V, h, w),
+    )
+
+
+def assemble_all_pairs(
+    idx: torch.Tensor,
+    valid: torch.Tensor,
+    grid: tuple[int, int, int],
+    weight: torch.Tensor | None = None,
+) -> CorrespondenceTargets:
+    """Results for all V x V ordered pairs, query view on dim 1 and key view on dim 2 (what
+    broadcasting cameras [B, V, 1] against [B, 1, V] gives): idx [B, V, V, h*w, k], valid
+    [B, V, V, h*w], weight like idx or None for one-hot (1 where valid) -> CorrespondenceTargets.
+
+    Same result as `assemble` on the V (V - 1) pairs with i != j: own-view and invalid entries
+    get idx 0 and weight 0. It skips the per-pair scatter, which costs more than the work it
+    saves when a source can compute the V own-view pairs along with the rest.
+    """
+    V, h, w = grid
+    off_diagonal = ~torch.eye(V, dtype=torch.bool, device=valid.device)[:, :, None]  # [V, V, 1]
+    valid = valid.bool() & off_diagonal  # [B, V, V, T]
+    if weight is None:
+        weight = valid[..., None].float()
+    else:
+        weight = torch.where(valid[..., None], weight, torch.zeros_like(weight))
+    idx = idx * valid[..., None]  # integer: exact, and cheaper than `where`
+    return CorrespondenceTargets(
+        idx=rearrange(idx, "b vi vj t k -> b (vi t) vj k"),
+        weight=rearrange(weight, "b vi vj t k -> b (vi t) vj k"),
+        valid=rearrange(valid, "b vi vj t -> b (vi t) vj"),
         grid=(V, h, w),
     )
 
