@@ -52,14 +52,15 @@ def test_tracking_overhead_per_step(benchmark, tmp_path, measuring, monkeypatch)
 
 @pytest.mark.slow
 def test_sweep_two_workers_vs_one(benchmark, tmp_path, measuring):
-    """Wall time of the same 8-trial smoke sweep with 1 and with 2 workers."""
+    """Wall time of the same 8-trial sweep (tiny DiT, 60 steps each: trials long enough that
+    start-up and the sqlite store do not dominate) with 1 and with 2 workers."""
     if not measuring:
         pytest.skip("spawns 8+8 training processes: run with `make bench`")
     sweep_file = tmp_path / "eight.gin"
     sweep_file.write_text(
         "sweep.name = 'eight'\n"
-        "sweep.base = ['gin/experiments/smoke.gin']\n"
-        "sweep.fixed = ['train.steps = 30', 'eval.every = 0']\n"
+        "sweep.base = ['gin/experiments/quickstart.gin']\n"
+        "sweep.fixed = ['train.steps = 60', 'eval.every = 0', 'data.batch_size = 4', 'data.num_scenes = 32']\n"
         "sweep.axes = {'cameo.weight': [0.1, 0.5], 'run_experiment.seed': [0, 1, 2, 3]}\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
     times = {}
