@@ -37,10 +37,10 @@ def convergence(panels: dict[str, list[tuple[str, bool, list]]], metric: str, pa
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below: long labels hide curves
     fig.suptitle(f"{metric}: mean over seeds, band = min..max")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -64,9 +64,9 @@ def speedups(panels: dict[str, list[tuple[str, object]]], path: pathlib.Path) ->
         ax.set_xlabel("threshold: fraction of the baseline's improvement (1 = its final value)")
         ax.set_ylabel("speed-up (iterations baseline / variant)\nnot reached = 0")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below: long labels hide curves
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -86,8 +86,8 @@ def layer_profile(layers: list[str], arms: list[tuple[str, list[float], str | No
     ax.set_ylabel("PCK@1 (final step)")
     ax.set_title(f"{backbone}: PCK@1 per layer (* = supervised)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below: long labels hide curves
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
