@@ -176,6 +176,18 @@ class MultiViewBackbone:
             raise UnknownLayerError(selector, names)
         raise UnknownLayerError(selector, names)
 
+    def check_forward_inputs(self, x_t, t, cam2world, intrinsics, cond_mask) -> None:
+        """The shape contract of `forward`, shared by every backbone; each adds its own size rule."""
+        if x_t.ndim != 5:
+            raise ValueError(f"x_t must have shape [B, V, C, H, W], got {tuple(x_t.shape)}")
+        B, V, C, H, W = x_t.shape
+        if C != self.config.in_channels:  # type: ignore[attr-defined]
+            raise ValueError(f"x_t has {C} channels, the model expects in_channels={self.config.in_channels}")  # type: ignore[attr-defined]
+        expected = {"t": (B,), "cam2world": (B, V, 4, 4), "intrinsics": (B, V, 3, 3), "cond_mask": (B, V)}
+        for key, value in zip(expected, (t, cam2world, intrinsics, cond_mask)):
+            if tuple(value.shape) != expected[key]:
+                raise ValueError(f"{key} must have shape {list(expected[key])}, got {list(value.shape)}")
+
     def check_tap_and_perturb(self, tap: TapRequest | None, perturb: dict | None) -> None:
         names = self.layer_names()
         if tap is not None and tap.layer not in names:

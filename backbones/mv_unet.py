@@ -276,18 +276,11 @@ class MultiViewUNet(ModelMixin, ConfigMixin, MultiViewBackbone):
         return BackboneOutput(sample=sample, tap=state.result)
 
     def _check_inputs(self, x_t, t, cam2world, intrinsics, cond_mask) -> None:
-        if x_t.ndim != 5:
-            raise ValueError(f"x_t must have shape [B, V, C, H, W], got {tuple(x_t.shape)}")
-        B, V, C, H, W = x_t.shape
-        if C != self.config.in_channels:
-            raise ValueError(f"x_t has {C} channels, the model expects in_channels={self.config.in_channels}")
+        self.check_forward_inputs(x_t, t, cam2world, intrinsics, cond_mask)
+        H, W = x_t.shape[-2:]
         factor = 2 ** (len(self.config.block_out_channels) - 1)
         if H % factor or W % factor:
             raise ValueError(f"x_t spatial size {H}x{W} must be divisible by {factor} (one halving per level)")
-        expected = {"t": (B,), "cam2world": (B, V, 4, 4), "intrinsics": (B, V, 3, 3), "cond_mask": (B, V)}
-        for key, value in zip(expected, (t, cam2world, intrinsics, cond_mask)):
-            if tuple(value.shape) != expected[key]:
-                raise ValueError(f"{key} must have shape {list(expected[key])}, got {list(value.shape)}")
 
     # ---- Stable Diffusion initialisation ------------------------------------------------------
     @classmethod
