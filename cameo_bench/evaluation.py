@@ -41,6 +41,30 @@ def bin_name(lo: float, hi: float) -> str:
     return f"{int(lo)}-{int(hi)}" if hi < 1e8 else f"{int(lo)}+"
 
 
+def target_view_angles(cam2world: torch.Tensor, num_ref: int) -> torch.Tensor:  # [B, V - num_ref]
+    """Viewpoint change of each target view: its rotation angle (degrees) to the NEAREST reference.
+
+    A target close to any reference can borrow its content, so the nearest one decides how hard
+    it is to synthesise (the paper bins its quality gains the same way).
+    """
+    angle = geometry.rotation_angle_deg(cam2world[:, num_ref:, None], cam2world[:, None, :num_ref])  # [B, T, R]
+    return angle.amin(-1)
+
+
+def quality_by_bin(per_image: dict[str, torch.Tensor], angle: torch.Tensor) -> dict[str, float]:
+    """`eval/{psnr,ssim,...}/<bin>` means and `eval/count/<bin>` over images [N] with angles [N]."""
+    out = {}
+    for lo, hi in VIEW_BINS:
+        sel = (angle >= lo) & (angle < hi)
+        if not sel.any():
+            continue
+        name = bin_name(lo, hi)
+        for key, value in per_image.items():
+            out[f"eval/{key}/{name}"] = float(value[sel].mean())
+        out[f"eval/count/{name}"] = float(sel.sum())
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # image quality
 
@@ -234,7 +258,7 @@ def evaluate(model, diffusion, batches: list[dict], spec: EvalSpec, *, seed: int
     model.eval()
     try:
         per_image: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "lpips_vgg": [], "lpips_alex": []}
-        consistency, consistency_gt = [], []
+        consistency, consistency_gt, angles = [], [], []
         scorers = [LpipsScorer(net) for net in ("vgg", "alex")] if spec.lpips else []
         for b, batch in enumerate(batches):
             num_ref = int(batch["num_ref"])
@@ -244,6 +268,7 @@ def evaluate(model, diffusion, batches: list[dict], spec: EvalSpec, *, seed: int
                                       generator=generator)
             pred = rearrange(images[:, num_ref:], "b v c h w -> (b v) c h w")
             gt = rearrange(batch["image"][:, num_ref:], "b v c h w -> (b v) c h w")
+            angles.append(target_view_angles(batch["cam2world"], num_ref).flatten().cpu())  # [(b v)]
             for key, value in image_metrics(pred, gt).items():
                 per_image[key].append(value.cpu())
             for scorer in scorers:
@@ -253,7 +278,9 @@ def evaluate(model, diffusion, batches: list[dict], spec: EvalSpec, *, seed: int
                 pairs = consistency_pairs(images.shape[1], num_ref)
                 consistency.append(warp_error(images, batch, pairs).cpu())
                 consistency_gt.append(warp_error(batch["image"], batch, pairs).cpu())
-        out = {f"eval/{k}": float(torch.cat(v).mean()) for k, v in per_image.items() if v}
+        per_image = {k: torch.cat(v) for k, v in per_image.items() if v}
+        out = {f"eval/{k}": float(v.mean()) for k, v in per_image.items()}
+        out.update(quality_by_bin(per_image, torch.cat(angles)))
         if consistency:
             out["eval/consistency_l1"] = float(torch.cat(consistency).mean())
             out["eval/consistency_l1_gt"] = float(torch.cat(consistency_gt).mean())

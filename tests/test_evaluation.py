@@ -121,3 +121,39 @@ def test_evaluate_and_perturbation_analysis_on_micro_dit():
     drops = E.perturbation_analysis(model, diffusion, [batch], spec)
     assert {"perturb/blocks.00.attn/psnr_drop", "perturb/blocks.01.attn/psnr_drop"} <= set(drops)
     assert any(abs(v) > 1e-6 for k, v in drops.items() if k.endswith("psnr_drop"))
+
+
+def _yaw(deg: float) -> torch.Tensor:
+    """Camera-to-world rotating by `deg` about the world z axis (nothing else changes)."""
+    a = math.radians(deg)
+    m = torch.eye(4)
+    m[:2, :2] = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    return m
+
+
+def test_target_view_angles_use_the_nearest_reference():
+    # two references at 0 and 100 deg; targets at 20, 70 and 130 deg -> nearest 20, 30, 30
+    c2w = torch.stack([_yaw(d) for d in (0.0, 100.0, 20.0, 70.0, 130.0)])[None]
+    angles = E.target_view_angles(c2w, num_ref=2)
+    assert angles.shape == (1, 3)
+    assert torch.allclose(angles[0], torch.tensor([20.0, 30.0, 30.0]), atol=1e-3)
+
+
+def test_quality_by_bin_against_a_hand_loop():
+    psnr = torch.tensor([10.0, 12.0, 20.0, 30.0, 31.0])
+    angle = torch.tensor([5.0, 29.0, 45.0, 95.0, 200.0])
+    out = E.quality_by_bin({"psnr": psnr}, angle)
+    assert out["eval/psnr/0-30"] == pytest.approx(11.0)
+    assert out["eval/psnr/30-60"] == pytest.approx(20.0)
+    assert "eval/psnr/60-90" not in out  # empty bins are not reported
+    assert out["eval/psnr/90+"] == pytest.approx(30.5)
+    assert out["eval/count/0-30"] == 2 and out["eval/count/90+"] == 2
+
+
+def test_evaluate_reports_quality_per_viewpoint_bin():
+    torch.manual_seed(0)
+    model = create_backbone("mv_dit", "micro", sample_size=16)
+    batch = plane_batch()  # pure translations: every target is 0 deg from the reference
+    metrics = E.evaluate(model, MultiViewDiffusion(), [batch], EvalSpec(sampler_steps=2, lpips=False, attention=False))
+    assert metrics["eval/psnr/0-30"] == pytest.approx(metrics["eval/psnr"])
+    assert metrics["eval/count/0-30"] == 2

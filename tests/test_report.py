@@ -219,6 +219,23 @@ def test_report_from_records_writes_every_part(tmp_path):
     assert not list((tmp_path / "r").glob("*.png"))
 
 
+def test_quality_by_viewpoint_bin_table_and_paired_gap(tmp_path):
+    """Baseline PSNR 10 + seed in 0-30 and 8 + seed in 60-90; CAMEO +0.5 and +2 dB: the gap rows are
+    exactly those, whatever the seed offsets (pairing by seed)."""
+    runs = []
+    for seed in range(3):
+        for weight, bonus in ((0.0, (0.0, 0.0)), (0.5, (0.5, 2.0))):
+            m = {"eval/psnr": [(0, 5.0), (100, 9.0 + seed)],
+                 "eval/psnr/0-30": [(0, 5.0), (100, 10.0 + seed + bonus[0])],
+                 "eval/psnr/60-90": [(0, 5.0), (100, 8.0 + seed + bonus[1])]}
+            runs.append(RunRecord(f"r{weight}{seed}", "x", synthetic_params(weight, seed, len(runs)), {}, m))
+    build_report(runs, tmp_path / "q", experiment="q", n_boot=50, draw=False)
+    md = (tmp_path / "q" / "report.md").read_text()
+    assert "| arm | 0-30 | 60-90 |" in md
+    assert "| baseline | 11.000 ± 1.000 | 9.000 ± 1.000 |" in md
+    assert "| Δ cameo − baseline | +0.500 | +2.000 |" in md
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end through a sqlite MLflow store and the CLI
 

@@ -24,6 +24,7 @@ PRIMARY = "eval/psnr"  # the metric of the sweep tables' speed-up column (the pa
 FIGURES = ("curves_*.png", "speedup_*.png", "profile_*.png")
 _LAYER_PCK = re.compile(r"^attn/(?P<layer>.+)/pck@1$")
 _BIN = re.compile(r"^attn/(?P<layer>.+)/pck@1/(?P<bin>\d+(?:-\d+|\+))$")
+_QUALITY_BIN = re.compile(r"^eval/(?P<metric>psnr|ssim)/(?P<bin>\d+(?:-\d+|\+))$")
 
 
 @dataclass
@@ -191,6 +192,40 @@ def _profile_section(backbone: str, variants: list[Variant], out: pathlib.Path,
     return lines, paths
 
 
+def _bin_key(b: str) -> int:
+    return int(re.match(r"\d+", b)[0])
+
+
+def _quality_by_bin_section(backbone: str, variants: list[Variant]) -> list[str]:
+    """Final PSNR / SSIM per viewpoint-change bin (target view -> nearest reference), and each CAMEO
+    variant's gap to its baseline per bin: the mean over the seeds both arms ran."""
+    found = {(m["metric"], m["bin"]) for v in variants for r in v.runs for k in r.metrics if (m := _QUALITY_BIN.match(k))}
+    if not found:
+        return []
+    bins = sorted({b for _, b in found}, key=_bin_key)
+    lines = []
+    for metric in ("psnr", "ssim"):
+        if not any(m == metric for m, _ in found):
+            continue
+        rows = []
+        for v in variants:
+            rows.append([v.label] + [_mean_std(_finals(v, f"eval/{metric}/{b}")) for b in bins])
+            if v.baseline_arm or v.baseline is None:
+                continue
+            gaps = []
+            for b in bins:
+                key = f"eval/{metric}/{b}"
+                mine = {seed_of(r): x for r in v.runs if (x := _final(r, key)) is not None}
+                theirs = {seed_of(r): x for r in v.baseline.runs if (x := _final(r, key)) is not None}
+                paired = [mine[s] - theirs[s] for s in mine if s in theirs]
+                gaps.append(_ci(float(np.mean(paired)), (math.nan, math.nan)) if paired else "—")
+            rows.append([f"Δ {v.label} − baseline"] + gaps)
+        lines += [f"#### {backbone}: final {metric.upper()} by viewpoint change of the target view (degrees to the "
+                  "nearest reference)", ""]
+        lines += _table(["arm"] + bins, rows) + [""]
+    return lines
+
+
 def _speedup_section(report: Report, backbones, present, fractions, out: pathlib.Path, draw: bool) -> list[str]:
     md = ["## Speed-up: iterations to threshold", ""]
     for metric in present:
@@ -313,7 +348,7 @@ def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experime
     md += ["## Attention-correspondence profile", ""]
     for backbone, variants in backbones.items():
         lines, paths = _profile_section(backbone, variants, out, draw)
-        md += lines
+        md += lines + _quality_by_bin_section(backbone, variants)
         report.files += paths
     if skipped:
         md += ["## Runs left out", ""]
