@@ -255,6 +255,8 @@ class RunRecord:
     tags: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     status: str = "FINISHED"
+    start_time: float | None = None  # seconds since the epoch (MLflow stores milliseconds)
+    end_time: float | None = None
 
 
 def load_runs(experiment_name: str, uri: str | None = None,
@@ -286,7 +288,9 @@ def load_runs(experiment_name: str, uri: str | None = None,
                 histories[from_mlflow_key(key)] = sorted(by_step.items())
         records.append(RunRecord(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id,
                                  params=dict(run.data.params), tags=dict(run.data.tags), metrics=histories,
-                                 status=run.info.status))
+                                 status=run.info.status,
+                                 start_time=run.info.start_time / 1000 if run.info.start_time else None,
+                                 end_time=run.info.end_time / 1000 if run.info.end_time else None))
     return records
 
 

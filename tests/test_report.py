@@ -219,6 +219,14 @@ def test_report_from_records_writes_every_part(tmp_path):
     assert not list((tmp_path / "r").glob("*.png"))
 
 
+def test_compute_line_counts_side_by_side_runs_once():
+    from cameo_bench.report.build import _compute_line
+    runs = [RunRecord("a", "a", start_time=1000.0, end_time=1600.0), RunRecord("b", "b", start_time=1300.0, end_time=1900.0),
+            RunRecord("c", "c")]  # no times: left out
+    line = _compute_line(runs)
+    assert "2 runs, 10.0 min median per run" in line and "20 run-minutes" in line and "15 min from the first" in line
+
+
 def test_quality_by_viewpoint_bin_table_and_paired_gap(tmp_path):
     """Baseline PSNR 10 + seed in 0-30 and 8 + seed in 60-90; CAMEO +0.5 and +2 dB: the gap rows are
     exactly those, whatever the seed offsets (pairing by seed)."""

@@ -274,6 +274,19 @@ def _sweep_section(report: Report, backbones, present, fractions) -> list[str]:
     return md
 
 
+def _compute_line(runs: list[RunRecord]) -> str:
+    """What the runs cost: per-run wall time and the elapsed time from the first start to the last end
+    (less than the sum when runs ran side by side)."""
+    spans = [(r.start_time, r.end_time) for r in runs if r.start_time and r.end_time]
+    if not spans:
+        return "Compute: run start/end times not recorded."
+    minutes = [(e - s) / 60 for s, e in spans]
+    elapsed = (max(e for _, e in spans) - min(s for s, _ in spans)) / 60
+    return (f"Compute: {len(spans)} runs, {np.median(minutes):.1f} min median per run (range {min(minutes):.1f}-"
+            f"{max(minutes):.1f}), {sum(minutes):.0f} run-minutes in all, {elapsed:.0f} min from the first start to "
+            "the last end (runs side by side).")
+
+
 def _sources(report: Report, experiment: str, command: str, source: str | None, shas: list[str]) -> dict:
     return {
         "experiment": experiment, "command": command, "source": source, "git_shas": shas,
@@ -329,7 +342,7 @@ def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experime
           f"Built {datetime.datetime.now().isoformat(timespec='seconds')} from {len(kept)} runs of MLflow experiment "
           f"`{experiment}`" + (f" ({source})" if source else "")
           + f"; git SHA(s): {', '.join(f'`{s[:12]}`' for s in shas)}. Run ids and gin files: `sources.json`.", "",
-          METHOD.format(n_boot=n_boot), ""]
+          _compute_line(kept), "", METHOD.format(n_boot=n_boot), ""]
     if grouping.unmatched:
         md += ["**No baseline found for:** " + "; ".join(f"{v.backbone} {v.label}" for v in grouping.unmatched), ""]
     md += ["## Variants", ""]
