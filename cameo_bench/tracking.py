@@ -294,6 +294,24 @@ def load_runs(experiment_name: str, uri: str | None = None,
     return records
 
 
+def fetch_artifact(run_id: str, artifact_path: str, dst: str | pathlib.Path, uri: str | None = None) -> pathlib.Path | None:
+    """Copy one logged file of a run to `dst` (a file path); None when the run did not log it
+    (figures are best effort: a run may have been drawn without them)."""
+    import shutil
+    import tempfile
+
+    client = MlflowClient(tracking_uri=uri or default_tracking_uri())
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, artifact_path, tmp)
+        except Exception:  # noqa: BLE001 - MLflow raises several types for a missing file
+            return None
+        dst = pathlib.Path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, dst)
+    return dst
+
+
 # --- sweep support ---
 # A sweep is one experiment with a parent run and one child run per trial, found again by tags
 # (`sweep.name`, `sweep.role`, `sweep.trial`) so that starting a sweep twice resumes it.

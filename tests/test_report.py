@@ -280,6 +280,10 @@ def store(tmp_path_factory):
         client.set_terminated(rid, status="FAILED" if failed else "FINISHED")
         ids.append(rid)
     client.log_batch(parent, tags=[RunTag("done", "true")])
+    figure = root / "attention.png"  # the engine's final-step attention figure, for two of the three seed-0 arms
+    figure.write_bytes(b"\x89PNG fake")
+    for rid in ids[:2]:
+        client.log_artifact(rid, str(figure), "figures/step_0004000")
     return uri, parent, ids
 
 
@@ -306,6 +310,19 @@ def test_cli_report_from_mlflow(store, tmp_path):
     assert {r["gin_files"] for r in sources["runs"]} == {"gin/experiments/smoke.gin"}
     assert all(r["parent_run_id"] == parent for r in sources["runs"])
     assert "2.00× [2.00×, 2.00×]" in md and "status FAILED" in md
+    assert "## Attention visualisation" in md
+    assert (out / "attention_mv_dit_micro_00.png").read_bytes() == b"\x89PNG fake"
+    assert (out / "attention_mv_dit_micro_01.png").exists()
+    assert not (out / "attention_mv_dit_micro_02.png").exists()  # that run logged no figure
+
+
+def test_fetch_artifact_copies_a_logged_file_or_says_none(store, tmp_path):
+    from cameo_bench.tracking import fetch_artifact
+
+    uri, _, ids = store
+    got = fetch_artifact(ids[1], "figures/step_0004000/attention.png", tmp_path / "a" / "x.png", uri)
+    assert got == tmp_path / "a" / "x.png" and got.read_bytes() == b"\x89PNG fake"
+    assert fetch_artifact(ids[2], "figures/step_0004000/attention.png", tmp_path / "y.png", uri) is None
 
 
 def test_load_runs_returns_the_engine_metric_names_and_histories(store):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import sys
@@ -36,8 +37,9 @@ def regenerate_command(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per fetched figure is noise
     from cameo_bench.report import build_report
-    from cameo_bench.tracking import default_tracking_uri, load_runs
+    from cameo_bench.tracking import default_tracking_uri, fetch_artifact, load_runs
 
     try:
         fractions = tuple(float(f) for f in args.fractions.split(","))
@@ -55,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = build_report(runs, f"{args.out}/{name}", experiment=args.experiment, command=regenerate_command(args),
                               fractions=fractions, n_boot=args.bootstrap, seed=args.seed, statuses=statuses,
-                              source=args.tracking_uri, draw=not args.no_plots)
+                              source=args.tracking_uri, draw=not args.no_plots,
+                              fetch=lambda run, path, dst: fetch_artifact(run.run_id, path, dst, uri))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,8 @@ from cameo_bench.tracking import RunRecord
 
 DEFAULT_METRICS = ("eval/psnr", "eval/ssim", "eval/lpips_vgg", "attn/supervised/pck@1")
 PRIMARY = "eval/psnr"  # the metric of the sweep tables' speed-up column (the paper's "2x" is on PSNR)
-FIGURES = ("curves_*.png", "speedup_*.png", "profile_*.png")
+FIGURES = ("curves_*.png", "speedup_*.png", "profile_*.png", "attention_*.png")
+MAX_ATTENTION_FIGURES = 8  # per backbone: the baseline and the first CAMEO variants
 _LAYER_PCK = re.compile(r"^attn/(?P<layer>.+)/pck@1$")
 _BIN = re.compile(r"^attn/(?P<layer>.+)/pck@1/(?P<bin>\d+(?:-\d+|\+))$")
 _QUALITY_BIN = re.compile(r"^eval/(?P<metric>psnr|ssim)/(?P<bin>\d+(?:-\d+|\+))$")
@@ -226,6 +227,25 @@ def _quality_by_bin_section(backbone: str, variants: list[Variant]) -> list[str]
     return lines
 
 
+def _attention_section(backbone: str, variants: list[Variant], out: pathlib.Path, fetch) -> tuple[list[str], list[pathlib.Path]]:
+    """The engine's last `attention.png` of each arm's first seed: where one query of a target view
+    attends in the other views, with its true location (green) from depth."""
+    lines, paths = [], []
+    for i, v in enumerate(variants[:MAX_ATTENTION_FIGURES]):
+        run = v.runs[0]
+        steps = [s for s, _ in run.metrics.get("eval/psnr", [])]
+        if not steps:
+            continue
+        name = f"attention_{backbone.replace('/', '_')}_{i:02d}.png"  # labels hold quotes and braces
+        path = fetch(run, f"figures/step_{max(steps):07d}/attention.png", out / name)
+        if path is not None:
+            lines += [f"**{v.label}** (seed {seed_of(run)}, step {max(steps)})", "", f"![{v.label}]({path.name})", ""]
+            paths.append(path)
+    if lines:
+        lines = [f"#### {backbone}: attention of one target-view query at the supervised layer (final step)", ""] + lines
+    return lines, paths
+
+
 def _speedup_section(report: Report, backbones, present, fractions, out: pathlib.Path, draw: bool) -> list[str]:
     md = ["## Speed-up: iterations to threshold", ""]
     for metric in present:
@@ -309,9 +329,10 @@ METHOD = ("Method: curves are averaged over seeds on their common evaluation ste
 
 def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experiment: str, command: str | None = None,
                  metrics=DEFAULT_METRICS, fractions=DEFAULT_FRACTIONS, n_boot: int = 2000, seed: int = 0,
-                 statuses=("FINISHED",), source: str | None = None, draw: bool = True) -> Report:
+                 statuses=("FINISHED",), source: str | None = None, draw: bool = True, fetch=None) -> Report:
     """Compute every comparison and write the report folder (`draw=False`: tables only, no PNGs).
-    `source` names where the runs came from."""
+    `source` names where the runs came from. `fetch(run, artifact_path, dst) -> path | None` copies a
+    run's logged figure (attention maps); without it the report has no attention section."""
     out = pathlib.Path(out_dir)
     kept, skipped = _usable(runs, statuses)
     if not kept:
@@ -363,6 +384,13 @@ def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experime
         lines, paths = _profile_section(backbone, variants, out, draw)
         md += lines + _quality_by_bin_section(backbone, variants)
         report.files += paths
+    if fetch is not None and draw:
+        sections = [_attention_section(b, vs, out, fetch) for b, vs in backbones.items()]
+        if any(lines for lines, _ in sections):
+            md += ["## Attention visualisation", ""]
+            for lines, paths in sections:
+                md += lines
+                report.files += paths
     if skipped:
         md += ["## Runs left out", ""]
         md += _table(["run", "name", "reason"], [[r.run_id, r.name, why] for r, why in skipped]) + [""]
