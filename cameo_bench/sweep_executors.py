@@ -30,7 +30,7 @@ def run_trial(payload: dict[str, Any]) -> TrialResult:
     import signal
     import threading
 
-    from cameo_bench.cli.train import Terminated, _on_sigterm
+    from cameo_bench.launch import Terminated, on_sigterm
 
     start = time.perf_counter()
     uri = payload["tracking_uri"]
@@ -42,7 +42,7 @@ def run_trial(payload: dict[str, Any]) -> TrialResult:
     installed = (threading.current_thread() is threading.main_thread()
                  and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
     if installed:
-        signal.signal(signal.SIGTERM, _on_sigterm)  # a killed worker's run ends KILLED, not RUNNING forever
+        signal.signal(signal.SIGTERM, on_sigterm)  # a killed worker's run ends KILLED, not RUNNING forever
     try:
         return _run_trial(payload, start, Terminated)
     finally:
@@ -52,7 +52,7 @@ def run_trial(payload: dict[str, Any]) -> TrialResult:
 
 def _run_trial(payload: dict, start: float, Terminated: type) -> "TrialResult":
     from cameo_bench import config, tracking
-    from cameo_bench.cli.train import OperativeConfigLog, run_tags
+    from cameo_bench.launch import OperativeConfigLog, run_tags
 
     uri = payload["tracking_uri"]
     run_dir = pathlib.Path(payload["run_dir"])

@@ -19,7 +19,7 @@ import torch
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
-from cameo_bench import artifacts, tracking, tracking_ui
+from cameo_bench import artifacts, launch, tracking, tracking_ui
 from cameo_bench.cli import train as train_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -207,7 +207,7 @@ def test_operative_config_waits_for_the_first_step():
         def log_text(self, text, name):
             logged.append((name, text))
 
-    record = train_cli.OperativeConfigLog(Fake(), lambda: f"config after {len(logged)} logs")
+    record = launch.OperativeConfigLog(Fake(), lambda: f"config after {len(logged)} logs")
     record.log_params({"a": 1})
     record.log_metrics({"eval/psnr": 1.0}, 0)  # evaluation before training: not yet
     assert logged == []
@@ -215,7 +215,7 @@ def test_operative_config_waits_for_the_first_step():
     record.log_metrics({"train/loss": 1.0}, 2)
     record.finish()
     assert logged == [("config/operative.gin", "config after 0 logs")]
-    early = train_cli.OperativeConfigLog(Fake(), lambda: "early")
+    early = launch.OperativeConfigLog(Fake(), lambda: "early")
     early.finish("FAILED", "boom")  # a run that died before its first step still gets it
     assert logged[-1] == ("config/operative.gin", "early")
 

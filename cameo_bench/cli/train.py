@@ -15,6 +15,8 @@ import sys
 import threading
 import traceback
 
+from cameo_bench.launch import OperativeConfigLog, Terminated, on_sigterm, run_tags
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("gin_files", nargs="+", help="gin files, parsed in order (later ones win)")
@@ -32,15 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (Slurm's time limit, a scheduler's preemption) as an interrupt, so the run is
-    flushed and marked KILLED instead of vanishing while RUNNING."""
-
-
-def _on_sigterm(signum, frame):
-    raise Terminated(f"signal {signum}")
-
-
 def tracking_options(args: argparse.Namespace, exp) -> tuple[bool, str, str | None]:
     """(enabled, experiment, uri): the command line wins over gin's `tracking.*` section (read
     only if the experiment has one), which wins over `MLFLOW_TRACKING_URI` and the defaults."""
@@ -51,59 +44,11 @@ def tracking_options(args: argparse.Namespace, exp) -> tuple[bool, str, str | No
     return enabled, experiment, uri
 
 
-def run_tags(exp, world_size: int) -> dict[str, str]:
-    """Tags to slice runs by in MLflow's search (params hold the full configuration)."""
-    return {
-        "variant": "cameo" if exp.cameo.enabled else "baseline",
-        "backbone": exp.backbone.name,
-        "preset": exp.backbone.preset,
-        "seed": str(exp.seed),
-        "world_size": str(world_size),
-        "command": " ".join(sys.argv)[:1000],
-    }
-
-
-class OperativeConfigLog:
-    """Logs gin's operative config to MLflow once training has taken a step, because gin records
-    only the bindings that were used by then; a run that dies earlier still gets it at finish.
-
-    Passed to the Trainer as a tracker: it only listens, so it never fails a run.
-    """
-
-    def __init__(self, tracker, operative_config, name: str = "config/operative.gin"):
-        self.tracker = tracker
-        self.operative_config = operative_config
-        self.name = name
-        self.logged = False
-
-    def _log(self) -> None:
-        if self.logged:
-            return
-        self.logged = True
-        try:
-            self.tracker.log_text(self.operative_config(), self.name)
-        except Exception as err:  # noqa: BLE001 - a missing config file must not end the training
-            print(f"warning: could not log {self.name} to MLflow: {err}", file=sys.stderr)
-
-    def log_params(self, params) -> None:
-        pass
-
-    def log_metrics(self, metrics, step: int) -> None:
-        if step > 0:
-            self._log()
-
-    def flush(self) -> None:
-        self._log()
-
-    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
-        self._log()
-
-
 def run(args: argparse.Namespace) -> int:
     installed = threading.current_thread() is threading.main_thread() and \
         signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     if installed:
-        signal.signal(signal.SIGTERM, _on_sigterm)
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = _run(args)
     finally:
