@@ -167,6 +167,9 @@ def test_one_seed_gives_no_interval_and_a_flat_baseline_no_speedup():
     assert np.isnan(one.speedup_ci).all() and math.isnan(one.final_gap_ci[0])
     flat = compare([[(0, 5.0), (100, 5.0)]], [[(0, 5.0), (100, 6.0)]], metric="eval/psnr")
     assert np.isnan(flat.speedup).all()  # the baseline never improved: no threshold between its ends
+    from cameo_bench.report.build import _speed_cell
+
+    assert _speed_cell(flat, 0).startswith("— (the baseline does not improve")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +220,18 @@ def test_report_from_records_writes_every_part(tmp_path):
     assert "| blocks.02.attn | 0.500 | **0.800** | **0.800** |" in md  # both CAMEO arms supervise blocks.02
     assert "| baseline | blocks.02.attn | 0.500 ± 0.000 | 0.400 ± 0.000 | 0.300 ± 0.000 | 0.200 ± 0.000 |" in md
     assert not list((tmp_path / "r").glob("*.png"))
+
+
+def test_labels_leave_out_what_only_differs_between_backbones():
+    runs = []
+    for name, steps in (("mv_dit", "300"), ("mv_unet", "200")):
+        for weight in (0.0, 0.5):
+            for seed in range(2):
+                runs.append(_record(weight, seed, **{"backbone.name": name, "train.steps": steps}))
+    grouping = group_runs(runs)
+    assert sorted(v.label for v in grouping.variants) == ["baseline", "baseline", "cameo", "cameo"]
+    assert "train.steps" in grouping.varying and grouping.varying_by_backbone["mv_dit/micro"] == []
+    assert all(v.baseline is not None and v.baseline.backbone == v.backbone for v in grouping.variants if not v.baseline_arm)
 
 
 def test_compute_line_counts_side_by_side_runs_once():

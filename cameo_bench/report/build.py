@@ -68,6 +68,8 @@ def _speed(x: float) -> str:
 
 
 def _speed_cell(comp: Comparison, f: int) -> str:
+    if math.isnan(comp.speedup[f]):  # resampled seeds may still give numbers: they would mislead
+        return f"— (the baseline does not improve: τ {_num(comp.thresholds[f])})"
     lo, hi = comp.speedup_ci[f]
     ci = "" if math.isnan(lo) else f" [{_speed(lo)}, {_speed(hi)}]"
     tv = comp.variant_iters[f]
@@ -281,8 +283,9 @@ def _sweep_section(report: Report, backbones, present, fractions) -> list[str]:
     md = ["## Sweep tables (final values, mean ± std over seeds)", ""]
     if varying:
         md += ["Parameters that vary across the runs: " + ", ".join(f"`{k}`" for k in varying), ""]
-    header = ["variant"] + varying + ["seeds"] + list(present) + [f"speed-up {PRIMARY} (final)"]
     for backbone, variants in backbones.items():
+        varying = report.grouping.varying_by_backbone.get(backbone, report.grouping.varying)
+        header = ["variant"] + varying + ["seeds"] + list(present) + [f"speed-up {PRIMARY} (final)"]
         rows = []
         for v in variants:
             finals = ["—" if v.baseline_arm and m.startswith(SUPERVISED) else _mean_std(_finals(v, v.key_for(m, v.layer)))

@@ -90,6 +90,7 @@ class Grouping:
     variants: list[Variant]  # baselines first, then variants in run order
     varying: list[str]  # params that differ among runs (seeds excluded): the sweep's axes
     unmatched: list[Variant] = field(default_factory=list)  # CAMEO variants without a baseline
+    varying_by_backbone: dict[str, list[str]] = field(default_factory=dict)  # the same, within one backbone
 
 
 def _short(key: str) -> str:
@@ -107,17 +108,16 @@ def group_runs(runs: list[RunRecord]) -> Grouping:
         params = config_params(run)
         key = tuple(sorted((_non_cameo(params) if is_baseline(run) else params).items())) + (("__base", is_baseline(run)),)
         groups.setdefault(key, []).append(run)
-    cameo_runs = [config_params(r) for r in runs if not is_baseline(r)]
-    every = [_non_cameo(config_params(r)) for r in runs]
-    varying = sorted({k for p in cameo_runs for k in p if k.startswith("cameo.") and len({q.get(k) for q in cameo_runs}) > 1}
-                     | {k for p in every for k in p if k not in BACKBONE_KEYS and len({q.get(k) for q in every}) > 1})
+    varying = _varying(runs)
+    by_backbone = {b: _varying([r for r in runs if backbone_of(r) == b]) for b in {backbone_of(r) for r in runs}}
     variants = []
     for members in groups.values():
         base = is_baseline(members[0])
+        varying_here = by_backbone[backbone_of(members[0])]  # a label need not repeat what the backbone decides
         params = _non_cameo(config_params(members[0])) if base else config_params(members[0])
-        label = "baseline" if base else (", ".join(f"{_short(k)}={params.get(k, '-')}" for k in varying if k in params
-                                                   and k.startswith("cameo.")) or "cameo")
-        extra = [f"{_short(k)}={params[k]}" for k in varying if not k.startswith("cameo.") and k in params]
+        label = "baseline" if base else (", ".join(f"{_short(k)}={params.get(k, '-')}" for k in varying_here
+                                                   if k in params and k.startswith("cameo.")) or "cameo")
+        extra = [f"{_short(k)}={params[k]}" for k in varying_here if not k.startswith("cameo.") and k in params]
         if extra:
             label = f"{label} [{', '.join(extra)}]"
         layers = {supervised_layer(r) for r in members} - {None}
@@ -132,7 +132,15 @@ def group_runs(runs: list[RunRecord]) -> Grouping:
         if v.baseline is None:
             unmatched.append(v)
     variants.sort(key=lambda v: (v.backbone, not v.baseline_arm))
-    return Grouping(variants, varying, unmatched)
+    return Grouping(variants, varying, unmatched, by_backbone)
+
+
+def _varying(runs: list[RunRecord]) -> list[str]:
+    """Parameters that differ between the runs: `cameo.*` among CAMEO runs, the rest among all."""
+    cameo_runs = [config_params(r) for r in runs if not is_baseline(r)]
+    every = [_non_cameo(config_params(r)) for r in runs]
+    return sorted({k for p in cameo_runs for k in p if k.startswith("cameo.") and len({q.get(k) for q in cameo_runs}) > 1}
+                  | {k for p in every for k in p if k not in BACKBONE_KEYS and len({q.get(k) for q in every}) > 1})
 
 
 def _match(variant: Variant, baselines: list[Variant]) -> Variant | None:
