@@ -230,11 +230,11 @@ def _quality_by_bin_section(backbone: str, variants: list[Variant]) -> list[str]
 
 
 def _attention_section(backbone: str, variants: list[Variant], out: pathlib.Path, fetch) -> tuple[list[str], list[pathlib.Path]]:
-    """The engine's last `attention.png` of each arm's first seed: where one query of a target view
+    """The engine's last `attention.png` of each arm's lowest seed: where one query of a target view
     attends in the other views, with its true location (green) from depth."""
     lines, paths = [], []
     for i, v in enumerate(variants[:MAX_ATTENTION_FIGURES]):
-        run = v.runs[0]
+        run = min(v.runs, key=lambda r: (len(seed_of(r)), seed_of(r)))  # the same seed in every arm when they share one
         steps = [s for s, _ in run.metrics.get("eval/psnr", [])]
         if not steps:
             continue
