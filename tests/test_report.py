@@ -234,6 +234,14 @@ def test_labels_leave_out_what_only_differs_between_backbones():
     assert all(v.baseline is not None and v.baseline.backbone == v.backbone for v in grouping.variants if not v.baseline_arm)
 
 
+def test_a_resolved_layer_equal_to_the_layer_name_is_not_repeated_in_labels():
+    runs = [_record(0.0, 0)] + [_record(0.5, 0, **{"cameo.layer": n, "cameo.layer_resolved": n}) for n in ("a.0", "a.1")]
+    labels = sorted(v.label for v in group_runs(runs).variants)
+    assert labels == ["baseline", "layer=a.0", "layer=a.1"]
+    runs.append(_record(0.5, 0, **{"cameo.layer": "depth:0.5", "cameo.layer_resolved": "a.1"}))  # a selector: keep both
+    assert "layer=depth:0.5, layer_resolved=a.1" in {v.label for v in group_runs(runs).variants}
+
+
 def test_compute_line_counts_side_by_side_runs_once():
     from cameo_bench.report.build import _compute_line
     runs = [RunRecord("a", "a", start_time=1000.0, end_time=1600.0), RunRecord("b", "b", start_time=1300.0, end_time=1900.0),

@@ -139,6 +139,8 @@ def _varying(runs: list[RunRecord]) -> list[str]:
     """Parameters that differ between the runs: `cameo.*` among CAMEO runs, the rest among all."""
     cameo_runs = [config_params(r) for r in runs if not is_baseline(r)]
     every = [_non_cameo(config_params(r)) for r in runs]
+    if all(p.get("cameo.layer_resolved") == p.get("cameo.layer") for p in cameo_runs):  # names, not selectors
+        cameo_runs = [{k: v for k, v in p.items() if k != "cameo.layer_resolved"} for p in cameo_runs]
     return sorted({k for p in cameo_runs for k in p if k.startswith("cameo.") and len({q.get(k) for q in cameo_runs}) > 1}
                   | {k for p in every for k in p if k not in BACKBONE_KEYS and len({q.get(k) for q in every}) > 1})
 
