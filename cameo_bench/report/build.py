@@ -165,6 +165,11 @@ def _convergence_section(backbones, metric: str, out: pathlib.Path, draw: bool) 
     return [f"![{metric}]({path.name})", ""], path
 
 
+def _bin_key(b: str) -> int:
+    """Viewpoint bins ('0-30', '90+') in angle order."""
+    return int(re.match(r"\d+", b)[0])
+
+
 def _profile_section(backbone: str, variants: list[Variant], out: pathlib.Path,
                      draw: bool) -> tuple[list[str], list[pathlib.Path]]:
     found = {m["layer"] for v in variants for r in v.runs for k in r.metrics
@@ -180,7 +185,7 @@ def _profile_section(backbone: str, variants: list[Variant], out: pathlib.Path,
     paths = [plots.layer_profile(layers, arms, backbone, out / f"profile_{backbone.replace('/', '_')}.png")] if draw else []
     lines += [f"![profile {backbone}]({p.name})" for p in paths] + [""]
     bins = sorted({m["bin"] for v in variants for r in v.runs for k in r.metrics if (m := _BIN.match(k))},
-                  key=lambda b: int(re.match(r"\d+", b)[0]))
+                  key=_bin_key)
     supervised = sorted({v.layer for v in variants if not v.baseline_arm and v.layer})
     if bins and supervised:
         rows = []
@@ -193,10 +198,6 @@ def _profile_section(backbone: str, variants: list[Variant], out: pathlib.Path,
         lines += [f"#### {backbone}: PCK@1 at the supervised layer by viewpoint change (degrees), final step", ""]
         lines += _table(["arm", "layer"] + bins, rows) + [""]
     return lines, paths
-
-
-def _bin_key(b: str) -> int:
-    return int(re.match(r"\d+", b)[0])
 
 
 def _quality_by_bin_section(backbone: str, variants: list[Variant]) -> list[str]:
