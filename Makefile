@@ -27,7 +27,7 @@ bench: install
 
 ui: install
 	$(PY) -m pip install -q -e '.[ui]'
-	$(PY) -m cameo_bench.tracking_ui
+	$(PY) -m cameo_bench.tracking.ui
 
 clean:
 	rm -rf .venv build *.egg-info

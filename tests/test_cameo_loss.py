@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from backbones.interface import TapResult
-from cameo_bench.cameo import CameoLoss
+from cameo_bench.objectives.alignment import CameoLoss
 from cameo_bench.correspondence.targets import CorrespondenceTargets
 
 B, V, h, w, H, D = 2, 3, 4, 4, 2, 8

@@ -4,7 +4,6 @@ import pathlib
 import pytest
 
 from cameo_bench import config
-
 REPO = pathlib.Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "gin" / "experiments").glob("*.gin"))
 FRAGMENTS = sorted((REPO / "gin" / "backbones").glob("*.gin")) + sorted((REPO / "gin" / "data").glob("*.gin"))

@@ -300,7 +300,7 @@ def test_colmap(tmp_path):
 
 
 def test_cli_formats_match_the_registry():
-    from cameo_bench.data.cli import FORMATS
+    from cameo_bench.cli.data import FORMATS
     from cameo_bench.data.converters import get_converter, list_converters
 
     assert sorted(FORMATS) == list_converters()

@@ -44,7 +44,6 @@ SOFTMAX_INVARIANT = ("attn.norm_k.bias", "head.2.bias")
 
 def experiment(out: pathlib.Path, bindings: list[str], steps: int):
     from cameo_bench import config
-
     return config.parse([SMOKE], [f"run_experiment.output_dir = '{out}'", *bindings, f"train.steps = {steps}"])
 
 
@@ -72,9 +71,9 @@ def params_digest(model: torch.nn.Module) -> str:
 
 
 def worker(root: pathlib.Path) -> int:
-    from cameo_bench import distributed
+    from cameo_bench.engine import distributed
     from cameo_bench.__main__ import main
-    from cameo_bench.train import Trainer
+    from cameo_bench.engine.trainer import Trainer
 
     rank = int(os.environ["RANK"])
     Trainer(experiment(root / "ddp_mlp", MLP, 3)).fit()
@@ -107,8 +106,7 @@ if __name__ == "__main__":
         exit_code = worker(pathlib.Path(sys.argv[1]))
     except Exception:
         traceback.print_exc()
-        from cameo_bench import distributed
-
+        from cameo_bench.engine import distributed
         exit_code = distributed.shutdown(1)
     sys.exit(exit_code)
 
@@ -119,7 +117,7 @@ if __name__ == "__main__":
 
 def single(out: pathlib.Path, bindings: list[str], steps: int, resume: bool = False, nan: bool = False):
     """A plain one-process run; returns its final parameters."""
-    from cameo_bench.train import Trainer
+    from cameo_bench.engine.trainer import Trainer
 
     trainer = Trainer(experiment(out, bindings, steps), resume=resume)
     if nan:
@@ -129,8 +127,7 @@ def single(out: pathlib.Path, bindings: list[str], steps: int, resume: bool = Fa
 
 
 def final_params(out: pathlib.Path) -> dict[str, torch.Tensor]:
-    from cameo_bench import checkpoint
-
+    from cameo_bench.engine import checkpoint
     return checkpoint.load(out / "smoke" / "checkpoints")["model"]
 
 
@@ -182,8 +179,7 @@ def test_two_ranks_equal_one_process_mean_head_through_cli(runs):
 
 @pytest.mark.slow
 def test_two_ranks_equal_one_process_mlp_head_with_grad_accumulation(runs):
-    from cameo_bench import checkpoint
-
+    from cameo_bench.engine import checkpoint
     root, ref, _ = runs
     assert max_diff(final_params(root / "ddp_mlp"), ref["mlp3"]) < TOL
     head = checkpoint.load(root / "ddp_mlp" / "smoke" / "checkpoints")["cameo_head"]
@@ -215,7 +211,7 @@ def test_nonfinite_on_one_rank_is_skipped_by_all(runs):
 
 @pytest.mark.slow
 def test_rank_zero_logs_evaluates_and_checkpoints(runs):
-    from cameo_bench.run_log import read_metrics
+    from cameo_bench.tracking.run_log import read_metrics
 
     root, _, _ = runs
     run = root / "ddp_cli" / "smoke"
@@ -233,8 +229,8 @@ def test_rank_zero_logs_evaluates_and_checkpoints(runs):
 
 
 def test_batch_must_divide_by_world_size(tmp_path, monkeypatch):
-    from cameo_bench import train
-    from cameo_bench.distributed import DistInfo
+    from cameo_bench.engine import trainer as train
+    from cameo_bench.engine.distributed import DistInfo
 
     monkeypatch.setattr(train, "init_distributed", lambda device=None: (DistInfo(0, 3, 0), torch.device("cpu")))
     with pytest.raises(train.ExperimentError, match="batch_size 4 not divisible by world size 3"):
@@ -244,7 +240,7 @@ def test_batch_must_divide_by_world_size(tmp_path, monkeypatch):
 def test_sample_draws_do_not_depend_on_the_split(tmp_path):
     """The draws of global sample p are the same whether one rank holds positions 0-3 or two
     ranks hold 0-1 and 2-3."""
-    from cameo_bench.train import Trainer, collate
+    from cameo_bench.engine.trainer import Trainer, collate
 
     trainer = Trainer(experiment(tmp_path, MEAN, 1))
     batch = collate([trainer.train_set[i] for i in range(4)])

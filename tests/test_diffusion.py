@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from backbones.interface import BackboneOutput
-from cameo_bench.diffusion import MultiViewDiffusion
+from cameo_bench.objectives.diffusion import MultiViewDiffusion
 
 T = 1000
 B, V, H, W = 2, 3, 4, 5

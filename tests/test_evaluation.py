@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from backbones import create_backbone
-from cameo_bench import evaluation as E
-from cameo_bench.diffusion import MultiViewDiffusion
-from cameo_bench.spec import EvalSpec
+from cameo_bench.evaluation import evaluate as E
+from cameo_bench.objectives.diffusion import MultiViewDiffusion
+from cameo_bench.config.spec import EvalSpec
 
 
 def plane_batch(V=3, H=16, W=16, f=16.0, Z=4.0, shift_px=2.0):

@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from cameo_bench import geometry as G
-
-
 def make_K(fx, fy, cx, cy, dtype=torch.float64):
     return torch.tensor([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]], dtype=dtype)
 

@@ -2,7 +2,7 @@
 import json
 
 from cameo_bench import sweep
-from cameo_bench.summary import summary_table
+from cameo_bench.report.summary import summary_table
 
 
 def write_metrics(folder, rows):

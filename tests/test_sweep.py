@@ -170,7 +170,7 @@ def in_tmp(tmp_path, monkeypatch, store):
 
 
 def test_a_trial_whose_worker_died_is_recorded_as_failed(in_tmp, store):
-    from cameo_bench.sweep_executors import ensure_failed_in_store
+    from cameo_bench.sweep.executors import ensure_failed_in_store
 
     payload = {"tracking_uri": store, "experiment": "died", "sweep": "died", "trial": "abc", "label": "x",
                "baseline": False, "parent_run_id": None}

@@ -19,7 +19,10 @@ import torch
 from matplotlib.image import imread
 from mlflow.tracking import MlflowClient
 
-from cameo_bench import artifacts, launch, tracking, tracking_ui
+from cameo_bench.evaluation import figures as artifacts
+from cameo_bench.engine import tracked_run as launch
+from cameo_bench import tracking
+from cameo_bench.tracking import ui as tracking_ui
 from cameo_bench.cli import train as train_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -273,7 +276,7 @@ def test_train_cli_logs_one_run_and_resume_continues_it(store, calls, tmp_path):
 
 
 def test_train_cli_marks_a_nan_run_failed_and_keeps_its_metrics(store, tmp_path, monkeypatch):
-    from cameo_bench.diffusion import MultiViewDiffusion
+    from cameo_bench.objectives.diffusion import MultiViewDiffusion
 
     original = MultiViewDiffusion.training_loss
     count = {"n": 0}
@@ -293,7 +296,7 @@ def test_train_cli_marks_a_nan_run_failed_and_keeps_its_metrics(store, tmp_path,
 
 
 def test_train_cli_marks_an_error_inside_fit_failed_with_its_traceback(store, tmp_path, monkeypatch):
-    from cameo_bench.train import Trainer
+    from cameo_bench.engine.trainer import Trainer
 
     def explode(self):
         raise RuntimeError("evaluation exploded")
@@ -312,7 +315,7 @@ def test_train_cli_sigterm_flushes_and_marks_the_run_killed(store, tmp_path, mon
     import signal
     import time
 
-    from cameo_bench.train import Trainer
+    from cameo_bench.engine.trainer import Trainer
 
     def terminated(self):
         os.kill(os.getpid(), signal.SIGTERM)  # what Slurm sends at the time limit
@@ -337,7 +340,7 @@ def test_train_cli_config_errors_and_no_tracking(store, tmp_path):
 
 
 def _has_figure_hook():
-    from cameo_bench.train import Trainer
+    from cameo_bench.engine.trainer import Trainer
 
     return hasattr(Trainer, "log_figures")
 
@@ -426,7 +429,7 @@ def test_attention_figure_draws_truth_and_peak_where_they_are(tmp_path):
 
 def test_eval_figures_from_a_real_model(tmp_path):
     from cameo_bench import config
-    from cameo_bench.train import Trainer
+    from cameo_bench.engine.trainer import Trainer
 
     exp = config.parse([SMOKE], [f"run_experiment.output_dir = '{tmp_path}'", "train.progress = False"])
     trainer = Trainer(exp)
@@ -481,7 +484,6 @@ def test_ui_serves_on_loopback_at_a_free_port(store, monkeypatch, capsys):
 
 def _has_gin_tracking_section():
     from cameo_bench import config
-
     return "tracking" in config.SECTIONS
 
 

@@ -10,9 +10,10 @@ import time
 import pytest
 import torch
 
-from cameo_bench import checkpoint, config
-from cameo_bench.run_log import read_metrics
-from cameo_bench.train import ExperimentError, NonFiniteLossError, Trainer
+from cameo_bench.engine import checkpoint
+from cameo_bench import config
+from cameo_bench.tracking.run_log import read_metrics
+from cameo_bench.engine.trainer import ExperimentError, NonFiniteLossError, Trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = REPO / "gin/experiments/smoke.gin"

@@ -21,9 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cameo_bench import checkpoint, config
-    from cameo_bench.evaluation import evaluate, perturbation_analysis
-    from cameo_bench.train import Trainer
+    from cameo_bench.engine import checkpoint
+    from cameo_bench import config
+    from cameo_bench.evaluation.evaluate import evaluate, perturbation_analysis
+    from cameo_bench.engine.trainer import Trainer
 
     path = pathlib.Path(args.checkpoint)
     run_dir = path if path.is_dir() else path.parent.parent

@@ -29,7 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from cameo_bench import sweep
-
     try:
         spec = sweep.load(args.sweep_file, args.gin_param)
         spec.fixed = list(spec.fixed) + list(args.fixed)
@@ -46,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     slurm = {"cluster": args.cluster} if args.cluster else None
     results = sweep.run(plan, executor=args.executor, workers=args.workers, uri=args.tracking_uri, slurm=slurm)
     if args.summary:
-        from cameo_bench.summary import summary_table
+        from cameo_bench.report.summary import summary_table
 
         print(summary_table(plan))
     report = sweep.failure_report(plan, results)

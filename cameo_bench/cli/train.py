@@ -15,7 +15,7 @@ import sys
 import threading
 import traceback
 
-from cameo_bench.launch import OperativeConfigLog, Terminated, on_sigterm, run_tags
+from cameo_bench.engine.tracked_run import OperativeConfigLog, Terminated, on_sigterm, run_tags
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,14 +56,13 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
     # Under torchrun: barrier, destroy the process group, flush, os._exit (a gloo worker that
     # leaves through normal interpreter exit sometimes aborts). One process: returns `code`.
-    from cameo_bench import distributed
-
+    from cameo_bench.engine import distributed
     return distributed.shutdown(code)
 
 
 def _run(args: argparse.Namespace) -> int:
     from cameo_bench import config
-    from cameo_bench.train import ExperimentError, NonFiniteLossError, Trainer
+    from cameo_bench.engine.trainer import ExperimentError, NonFiniteLossError, Trainer
 
     try:
         exp = config.parse(args.gin_files, args.gin_param)
@@ -80,7 +79,6 @@ def _run(args: argparse.Namespace) -> int:
     tracker, trackers = None, []
     if enabled and int(os.environ.get("RANK", "0")) == 0:  # torchrun: rank 0 alone owns the MLflow run
         from cameo_bench import tracking
-
         tracker = tracking.MlflowTracker(experiment, exp.name, run_dir=pathlib.Path(exp.output_dir) / exp.name,
                                          uri=uri, tags=run_tags(exp, world_size), resume=args.resume)
         tracker.log_text(config.config_str(), "config/raw.gin")
@@ -103,7 +101,6 @@ def _run(args: argparse.Namespace) -> int:
         trainer.log.log_text(command, "command.json")
     if tracker is not None:
         from cameo_bench import tracking
-
         tags = {**tracking.environment_tags(str(trainer.device)), "checkpoint.path": str(trainer.ckpt_path.absolute()),
                 "run_dir": str(trainer.run_dir.absolute())}
         if trainer.device.type == "cuda":

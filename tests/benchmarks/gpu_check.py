@@ -200,8 +200,8 @@ def build_trainer(scale: Scale, backbone: str, cameo: bool, device: str | torch.
 
     Only `batch_size` scenes exist, so every step reuses the same (cached) batch and times the
     step, not rendering."""
-    from cameo_bench.spec import BackboneSpec, CameoSpec, DataSpec, EvalSpec, Experiment, OptimSpec, TrainSpec
-    from cameo_bench.train import Trainer
+    from cameo_bench.config.spec import BackboneSpec, CameoSpec, DataSpec, EvalSpec, Experiment, OptimSpec, TrainSpec
+    from cameo_bench.engine.trainer import Trainer
 
     choice = {"unet": scale.unet, "dit": scale.dit}[backbone]
     exp = Experiment(
@@ -304,7 +304,7 @@ def naive_full_map_loss(q, k, targets, head: torch.nn.Module, num_ref: int) -> t
 
 def measure_loss(scale: Scale, impl: str, device: torch.device) -> dict[str, Any]:
     from backbones.interface import TapResult
-    from cameo_bench.cameo import CameoLoss
+    from cameo_bench.objectives.alignment import CameoLoss
 
     shape = scale.loss_shape
     q, k, targets = loss_inputs(**shape, device=device)

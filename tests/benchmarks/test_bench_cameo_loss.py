@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from backbones.interface import TapResult
-from cameo_bench.cameo import CameoLoss
+from cameo_bench.objectives.alignment import CameoLoss
 from cameo_bench.correspondence.targets import CorrespondenceTargets
 
 PAPER = dict(B=1, V=4, side=32, H=10, d=64)

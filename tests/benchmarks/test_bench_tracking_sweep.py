@@ -12,7 +12,7 @@ import pytest
 
 from cameo_bench import config
 from cameo_bench.tracking import MlflowTracker
-from cameo_bench.train import Trainer
+from cameo_bench.engine.trainer import Trainer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

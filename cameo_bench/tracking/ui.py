@@ -61,7 +61,7 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cameo_bench.tracking_ui", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m cameo_bench.tracking.ui", description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db)")
     parser.add_argument("--port", type=int, default=0, help="port (default: a free one)")

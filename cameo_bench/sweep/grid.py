@@ -32,17 +32,14 @@ from __future__ import annotations
 import ast
 import hashlib
 import itertools
-import json
 import os
 import pathlib
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from cameo_bench import config
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 EXECUTORS = ("local", "slurm")
 _BINDING_KEY = re.compile(r"^[A-Za-z_][\w]*\.[A-Za-z_]\w*$")
 
@@ -258,95 +255,3 @@ def describe(p: Plan) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# running
-
-
-@dataclass
-class TrialResult:
-    trial: str
-    status: str  # FINISHED | FAILED | KILLED | SKIPPED (finished in an earlier start)
-    error: str | None = None
-    run_id: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    seconds: float = 0.0
-
-
-def payload(p: Plan, trial: Trial, parent_run_id: str | None, uri: str) -> dict[str, Any]:
-    """Everything a worker needs, as plain values: the child re-parses gin from it (it never relies
-    on state inherited from this process, which spawn and Slurm would not have)."""
-    return {
-        "trial": trial.id, "label": trial.label, "baseline": trial.baseline,
-        "gin_files": list(p.gin_files), "bindings": p.trial_bindings(trial),
-        "run_dir": str(p.run_root / trial.id), "sweep": p.spec.name, "experiment": p.spec.experiment_name,
-        "parent_run_id": parent_run_id, "tracking_uri": uri,
-    }
-
-
-def run(p: Plan, *, executor: str | None = None, workers: int | None = None, uri: str | None = None,
-        slurm: dict[str, Any] | None = None, echo=print) -> list[TrialResult]:
-    """Run every unfinished trial; return one result per trial (finished ones as SKIPPED)."""
-    from cameo_bench import sweep_executors, tracking
-
-    spec = p.spec
-    executor = executor or spec.executor
-    workers = spec.workers if workers is None else workers
-    uri = tracking.ensure_store(uri)  # created once, here, before any worker touches it
-    tracking.get_or_create_experiment(spec.experiment_name, uri)
-    parent = tracking.start_parent_run(spec.experiment_name, f"sweep:{spec.name}",
-                                       {"sweep.name": spec.name, "sweep.role": "parent"}, uri)
-    tracking.clear_error(parent, uri)  # a restarted sweep is judged afresh
-    tracking.log_run_text(parent, pathlib.Path(spec.path).read_text() if pathlib.Path(spec.path).exists() else "",
-                          "sweep/sweep.gin", uri)
-    tracking.log_run_text(parent, json.dumps([{"id": t.id, "label": t.label, "baseline": t.baseline,
-                                               "bindings": t.binding_strings()} for t in p.trials], indent=1),
-                          "sweep/trials.json", uri)
-
-    finished = {r["tags"].get("sweep.trial") for r in tracking.find_runs(
-        spec.experiment_name, {"sweep.name": spec.name}, uri) if r["status"] == "FINISHED"}
-    todo = [t for t in p.trials if t.id not in finished]
-    results = {t.id: TrialResult(t.id, "SKIPPED") for t in p.trials if t.id in finished}
-    echo(f"sweep {spec.name!r}: {len(p.trials)} trials, {len(results)} already finished, {len(todo)} to run "
-         f"({executor}, {'in-process' if executor == 'local' and workers == 0 else f'{workers} workers'})")
-
-    options = {**spec.slurm, **(slurm or {})}
-    if executor == "slurm" and options.get("cluster") in (None, "slurm") and uri.startswith("sqlite"):
-        echo(f"warning: trials on other machines will write to the sqlite store {uri}; it must be on a shared "
-             f"filesystem, and an MLflow server (MLFLOW_TRACKING_URI=http://...) is safer for many jobs")
-    start = time.perf_counter()
-    payloads = {t.id: payload(p, t, parent, uri) for t in todo}
-    try:
-        if executor == "local":
-            stream = sweep_executors.run_local(list(payloads.values()), workers, gpus=spec.local_gpus)
-        else:
-            stream = sweep_executors.run_submitit(list(payloads.values()), p.run_root / "submitit", options)
-        for done, result in enumerate(stream, 1):
-            if result.status != "FINISHED":
-                sweep_executors.ensure_failed_in_store(result, payloads[result.trial])
-            results[result.trial] = result
-            echo(f"[{done}/{len(todo)}] {result.trial} {result.status:<8} {result.seconds:6.1f}s  "
-                 f"{payloads[result.trial]['label']}" + (f"\n    {result.error}" if result.error else ""))
-    except BaseException as err:
-        tracking.end_run(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
-                         f"{type(err).__name__}: {err}", uri)
-        raise
-    ordered = [results.get(t.id) or TrialResult(t.id, "FAILED", "no result came back") for t in p.trials]
-    failed = [r for r in ordered if r.status not in ("FINISHED", "SKIPPED")]
-    tracking.end_run(parent, "FAILED" if failed else "FINISHED",
-                     f"{len(failed)} of {len(ordered)} trials failed" if failed else None, uri)
-    echo(f"sweep {spec.name!r} done in {time.perf_counter() - start:.1f}s: "
-         f"{sum(r.status == 'FINISHED' for r in ordered)} finished, "
-         f"{sum(r.status == 'SKIPPED' for r in ordered)} skipped, {len(failed)} failed")
-    return ordered
-
-
-def failure_report(p: Plan, results: list[TrialResult]) -> str:
-    labels = {t.id: t.label for t in p.trials}
-    failed = [r for r in results if r.status not in ("FINISHED", "SKIPPED")]
-    if not failed:
-        return ""
-    lines = [f"{len(failed)} trial(s) FAILED:"]
-    for r in failed:
-        lines.append(f"  {r.trial}  {r.status:<8} {labels.get(r.trial, '')}\n    {r.error}")
-    lines.append(f"  run folders: {p.run_root}/<trial id>; restart the sweep to retry only these.")
-    return "\n".join(lines)

@@ -86,7 +86,7 @@ def get_or_create_experiment(name: str, uri: str | None = None) -> str:
 
 
 def git_tags(repo: pathlib.Path | None = None) -> dict[str, str]:
-    repo = repo or pathlib.Path(__file__).resolve().parents[1]
+    repo = repo or pathlib.Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,

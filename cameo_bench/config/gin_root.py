@@ -1,6 +1,6 @@
 """The only module that talks to gin.
 
-Gin binds the fields of the plain dataclasses in `cameo_bench.spec` under short scope names
+Gin binds the fields of the plain dataclasses in `cameo_bench.config.spec` under short scope names
 (`backbone.name`, `cameo.weight`, `train.steps`, ...) and one root, `run_experiment`. The engine
 receives an `Experiment` of plain values and never imports gin, so it can be driven from Python,
 a sweep, or a test without a config file.
@@ -14,8 +14,7 @@ import re
 
 import gin
 
-from cameo_bench import spec
-
+from cameo_bench.config import spec
 SECTIONS = {
     "backbone": spec.BackboneSpec,
     "data": spec.DataSpec,
@@ -74,7 +73,7 @@ def parse(gin_files: list[str | pathlib.Path], bindings: list[str] | None = None
     Files are parsed one at a time so that an error always names the file it came from.
     """
     gin.clear_config()
-    search_root = pathlib.Path(__file__).resolve().parents[1]
+    search_root = pathlib.Path(__file__).resolve().parents[2]
     gin.add_config_file_search_path(str(search_root))
     for path in gin_files:
         path = pathlib.Path(path)

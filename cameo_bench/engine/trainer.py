@@ -6,7 +6,7 @@ seeded by (seed, batch number, position in the global batch), so a resumed run r
 draws an uninterrupted run would make, on any number of ranks.
 
 Under torchrun the same loop runs on every rank with DDP, and N ranks give the parameters one
-process would give with the same global batch; `cameo_bench.distributed` says how. Rank 0 logs,
+process would give with the same global batch; `cameo_bench.engine.distributed` says how. Rank 0 logs,
 evaluates and writes checkpoints while the others wait at a barrier.
 """
 from __future__ import annotations
@@ -24,14 +24,14 @@ import torch
 from torch import nn
 
 from backbones import TapRequest, create_backbone
-from cameo_bench import checkpoint as ckpt
-from cameo_bench import distributed
-from cameo_bench.distributed import DistInfo, GlobalCameoLoss, init_distributed  # noqa: F401 (re-exported)
+from cameo_bench.engine import checkpoint as ckpt
+from cameo_bench.engine import distributed
+from cameo_bench.engine.distributed import DistInfo, GlobalCameoLoss, init_distributed  # noqa: F401 (re-exported)
 from cameo_bench.correspondence import compute_targets, get_source, list_sources
 from cameo_bench.data.batch import collate
-from cameo_bench.diffusion import MultiViewDiffusion
-from cameo_bench.run_log import RunLog
-from cameo_bench.spec import Experiment
+from cameo_bench.objectives.diffusion import MultiViewDiffusion
+from cameo_bench.tracking.run_log import RunLog
+from cameo_bench.config.spec import Experiment
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -419,7 +419,7 @@ class Trainer:
             yield to_device(collate([self.eval_set[i] for i in range(start, min(start + bs, n))]), self.device)
 
     def evaluate(self) -> dict[str, float]:
-        from cameo_bench.evaluation import evaluate
+        from cameo_bench.evaluation.evaluate import evaluate
 
         model = self.ema.module if self.ema is not None else self.model
         return evaluate(model, self.diffusion, list(self.eval_batches()), self.exp.eval, seed=self.exp.seed,
@@ -439,7 +439,7 @@ class Trainer:
         sinks = [t for t in self.trackers if hasattr(t, "log_artifact")]
         if not sinks or not self.exp.eval.figures:
             return
-        from cameo_bench.artifacts import eval_figures
+        from cameo_bench.evaluation.figures import eval_figures
 
         folder = f"figures/step_{step:07d}"
         try:

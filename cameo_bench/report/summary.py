@@ -11,7 +11,7 @@ import torch
 
 from backbones import create_backbone
 from cameo_bench import config
-from cameo_bench.run_log import read_metrics
+from cameo_bench.tracking.run_log import read_metrics
 
 COLUMNS = (
     ("PSNR", "eval/psnr", "{:.2f}"),

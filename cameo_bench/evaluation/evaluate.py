@@ -18,7 +18,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 
 from backbones import TapRequest
 from cameo_bench import geometry
-from cameo_bench.spec import EvalSpec
+from cameo_bench.config.spec import EvalSpec
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Iterator
 
-from cameo_bench.sweep import TrialResult
+from cameo_bench.sweep.results import TrialResult
 
 
 def run_trial(payload: dict[str, Any]) -> TrialResult:
@@ -30,7 +30,7 @@ def run_trial(payload: dict[str, Any]) -> TrialResult:
     import signal
     import threading
 
-    from cameo_bench.launch import Terminated, on_sigterm
+    from cameo_bench.engine.tracked_run import Terminated, on_sigterm
 
     start = time.perf_counter()
     uri = payload["tracking_uri"]
@@ -52,7 +52,7 @@ def run_trial(payload: dict[str, Any]) -> TrialResult:
 
 def _run_trial(payload: dict, start: float, Terminated: type) -> "TrialResult":
     from cameo_bench import config, tracking
-    from cameo_bench.launch import OperativeConfigLog, run_tags
+    from cameo_bench.engine.tracked_run import OperativeConfigLog, run_tags
 
     uri = payload["tracking_uri"]
     run_dir = pathlib.Path(payload["run_dir"])
@@ -73,7 +73,7 @@ def _run_trial(payload: dict, start: float, Terminated: type) -> "TrialResult":
         tracker.log_text(config.config_str(), "config/raw.gin")
         tracker.log_text(json.dumps(payload, indent=1, default=str), "config/trial.json")
 
-        from cameo_bench.train import Trainer
+        from cameo_bench.engine.trainer import Trainer
 
         trainer = Trainer(exp, resume=True, trackers=[tracker, OperativeConfigLog(tracker, config.operative_config)],
                           device=payload.get("device"))
@@ -105,7 +105,6 @@ def ensure_failed_in_store(result: TrialResult, payload: dict[str, Any]) -> None
     """Make the MLflow record of a failed trial say FAILED, also when its worker died before it
     could (a crash, an out-of-memory kill, a Slurm timeout)."""
     from cameo_bench import tracking
-
     uri, error = payload["tracking_uri"], result.error or "failed"
     try:
         runs = tracking.find_runs(payload["experiment"], {"sweep.name": payload["sweep"], "sweep.trial": result.trial}, uri)

@@ -155,7 +155,7 @@ def eval_figures(model, diffusion, batch: dict, folder: str | pathlib.Path, *, l
     is given, `attention.png` (one query of the first target view at noise level `timestep`,
     with its true location from depth when the batch has depth). Returns the files written."""
     from backbones import TapRequest
-    from cameo_bench.evaluation import token_ground_truth
+    from cameo_bench.evaluation.evaluate import token_ground_truth
 
     folder = pathlib.Path(folder)
     was_training = model.training

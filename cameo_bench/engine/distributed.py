@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from cameo_bench.cameo import CameoLoss
+from cameo_bench.objectives.alignment import CameoLoss
 
 _UINT64 = (1 << 64) - 1
 # Ranks > 0 wait in a barrier while rank 0 evaluates or writes a checkpoint; NCCL's default 10

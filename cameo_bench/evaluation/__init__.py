@@ -1,0 +1,1 @@
+"""Held-out evaluation: image metrics, attention-correspondence metrics, the evaluation itself, figures."""
