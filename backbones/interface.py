@@ -1,17 +1,24 @@
-"""The contract every multi-view backbone honours.
+"""The contract every multi-view backbone honours: attention layers by name, taps, outputs.
 
 Experiments, losses and analyses address attention layers by *name* only, so a new architecture
 plugs into everything by implementing `MultiViewBackbone` and routing its self-attention through
-`backbones.attention.multiview_attention`.
+`backbones.attention.multiview_attention`. Configs may name a layer by a selector instead
+(`MultiViewBackbone.resolve_layer`, implemented in `backbones.selectors`).
 """
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from backbones.selectors import UnknownLayerError, select_layer
+
+__all__ = [  # UnknownLayerError is re-exported: backbones and tests import it from here
+    "PERTURBATIONS", "AttentionLayer", "BackboneOutput", "MultiViewBackbone", "TapRequest", "TapResult",
+    "TapState", "UnknownLayerError",
+]
 
 
 @dataclass(frozen=True)
@@ -19,7 +26,10 @@ class AttentionLayer:
     """One self-attention layer, listed in forward execution order.
 
     `stride` is the token stride in input pixels, so pixel-level correspondences can be pooled to
-    this layer's token grid without knowing the architecture.
+    this layer's token grid without knowing the architecture. `stage` is the part of the network
+    the layer sits in, so selectors can say "the first decoder layer" without parsing names: a UNet
+    has `encoder` (down blocks), `mid` and `decoder` (up blocks); the isotropic DiT has one stage,
+    `blocks` (no block of it is more "decoder" than another, so none pretends to be).
     """
 
     name: str
@@ -28,6 +38,7 @@ class AttentionLayer:
     head_dim: int
     stride: int
     index: int = -1
+    stage: str = ""
 
 
 @dataclass
@@ -87,19 +98,6 @@ class TapState:
     result: TapResult | None = None
 
 
-class UnknownLayerError(KeyError):
-    """Raised with the list of valid layer names (and close matches)."""
-
-    def __init__(self, name: str, valid: list[str]):
-        close = difflib.get_close_matches(name, valid, n=3)
-        hint = f" Did you mean {close}?" if close else ""
-        super().__init__(f"unknown attention layer {name!r}.{hint} Valid layers: {valid}")
-        self.name, self.valid = name, valid
-
-    def __str__(self) -> str:  # KeyError would otherwise repr() the message
-        return self.args[0]
-
-
 PERTURBATIONS = ("identity",)
 
 
@@ -152,29 +150,26 @@ class MultiViewBackbone:
                 return layer
         raise UnknownLayerError(name, self.layer_names())
 
-    def resolve_layer(self, selector: str) -> str:
+    def stages(self) -> list[str]:
+        """The stages of `attention_layers()` in forward order, each once."""
+        return list(dict.fromkeys(layer.stage for layer in self.attention_layers()))
+
+    def resolve_layer(self, selector: str, input_stride: int = 1) -> str:
         """Turn a layer name or a selector into a layer name.
 
-        Selectors: an exact name; `"first_cross_view"`, `"last_cross_view"`;
-        `"decoder:first_cross_view"` (restrict to names starting with the prefix);
-        `"depth:0.6"` (the layer at that fraction of the execution order).
+        Grammar: an exact name (`up.02.attn.00`, `blocks.02.attn`), or `[STAGE:]RULE` where STAGE
+        restricts the choice to one stage (`encoder`, `mid`, `decoder` on the UNet; `blocks` on the
+        DiT; see `AttentionLayer.stage`) and RULE is one of
+          - `first`, `last`: the first / last layer in forward order;
+          - `first_cross_view`, `last_cross_view`: the first / last layer attending across views;
+          - `depth:F`: the layer at fraction F in [0, 1] of the forward order (rounded to nearest);
+          - `1/N`: the first layer whose token grid is 1/N of the image side, i.e. whose
+            `stride * input_stride == N`. `input_stride` is the model input's stride in image
+            pixels: 1 for pixel-space models, 8 for SD latents. On the `sd21` UNet
+            `resolve_layer("decoder:1/16", input_stride=8)` is `up.02.attn.00` (CAMEO's layer 10).
+        Anything else raises `UnknownLayerError` listing the layers, the stages and this grammar.
         """
-        layers = self.attention_layers()
-        names = [layer.name for layer in layers]
-        if selector in names:
-            return selector
-        if selector.startswith("depth:"):
-            frac = float(selector.split(":", 1)[1])
-            if not 0.0 <= frac <= 1.0:
-                raise ValueError(f"depth fraction must be in [0, 1], got {frac}")
-            return names[min(int(round(frac * (len(names) - 1))), len(names) - 1)]
-        prefix, _, rule = selector.rpartition(":")
-        if rule in ("first_cross_view", "last_cross_view"):
-            pool = [layer for layer in layers if layer.cross_view and layer.name.startswith(prefix)]
-            if pool:
-                return (pool[0] if rule.startswith("first") else pool[-1]).name
-            raise UnknownLayerError(selector, names)
-        raise UnknownLayerError(selector, names)
+        return select_layer(self.attention_layers(), selector, input_stride)
 
     def check_forward_inputs(self, x_t, t, cam2world, intrinsics, cond_mask) -> None:
         """The shape contract of `forward`, shared by every backbone; each adds its own size rule."""

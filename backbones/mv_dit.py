@@ -1,4 +1,4 @@
-"""Multi-view DiT: DiT's adaLN-Zero transformer over the tokens of all views at once.
+"""The `mv_dit` backbone: DiT's adaLN-Zero transformer over the tokens of all views at once.
 
 Each view's x_t is patchified together with its 7 camera channels (Plücker relative to the
 reference camera + the reference/target mask), the views' tokens are concatenated view-major and
@@ -24,7 +24,6 @@ from einops import rearrange
 from timm.layers import Mlp, PatchEmbed
 from torch import nn
 
-from backbones import register_backbone
 from backbones.attention import multiview_attention
 from backbones.camera import camera_conditioning
 from backbones.interface import (
@@ -35,6 +34,7 @@ from backbones.interface import (
     TapState,
     UnknownLayerError,
 )
+from backbones.registry import register_backbone
 
 CAMERA_CHANNELS = 7  # Plücker (6) + reference/target mask (1), see backbones.camera
 
@@ -226,10 +226,12 @@ class MultiViewDiT(ModelMixin, ConfigMixin, MultiViewBackbone):
 
     # ---- the attention-exposure interface --------------------------------------------------------
     def attention_layers(self) -> list[AttentionLayer]:
+        """One layer per block, all of stage `blocks`: the DiT is isotropic (same grid, no skips
+        between halves), so splitting it into "encoder" and "decoder" would invent a structure."""
         return [
             AttentionLayer(
                 name=block.attn.layer_name, cross_view=block.attn.cross_view, num_heads=block.attn.heads,
-                head_dim=block.attn.head_dim, stride=self.config.patch_size, index=i,
+                head_dim=block.attn.head_dim, stride=self.config.patch_size, index=i, stage="blocks",
             )
             for i, block in enumerate(self.blocks)
         ]

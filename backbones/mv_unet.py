@@ -1,4 +1,4 @@
-"""CAT3D-style multi-view UNet on diffusers blocks.
+"""The `mv_unet` backbone: a CAT3D-style multi-view UNet on diffusers blocks, with SD-format init.
 
 A Stable-Diffusion UNet whose self-attention layers run through `multiview_attention`: lower
 levels attend over every view's tokens (3D), the top level within each view, as in the CAT3D*
@@ -21,10 +21,10 @@ from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from torch import nn
 
-from backbones import UnknownNameError, register_backbone
 from backbones.attention import multiview_attention
 from backbones.camera import CameraEncoder, camera_conditioning
 from backbones.interface import AttentionLayer, BackboneOutput, MultiViewBackbone, TapRequest, TapState
+from backbones.registry import UnknownNameError, register_backbone
 
 CAMERA_CHANNELS = 7  # 6 Plücker + 1 reference/target mask
 # attn2 is built only because diffusers 0.42.1 raises on cross_attention_dim=None; it is deleted
@@ -188,14 +188,15 @@ class MultiViewUNet(ModelMixin, ConfigMixin, MultiViewBackbone):
 
         Names follow forward execution order (resnet -> attention inside each block; down, mid,
         up), which is also the order of `attentions[j].transformer_blocks[t]` inside a block.
+        Stages follow the blocks: down = `encoder`, mid = `mid`, up = `decoder`.
         """
         levels = len(heads)
-        sites = [(f"down.{i:02d}", f"unet.down_blocks.{i}", i) for i in range(levels)]
-        sites.append(("mid", "unet.mid_block", levels - 1))
-        sites += [(f"up.{i:02d}", f"unet.up_blocks.{i}", levels - 1 - i) for i in range(levels)]
+        sites = [(f"down.{i:02d}", f"unet.down_blocks.{i}", i, "encoder") for i in range(levels)]
+        sites.append(("mid", "unet.mid_block", levels - 1, "mid"))
+        sites += [(f"up.{i:02d}", f"unet.up_blocks.{i}", levels - 1 - i, "decoder") for i in range(levels)]
 
         layers, paths = [], {}
-        for prefix, block_path, level in sites:
+        for prefix, block_path, level, stage in sites:
             block = self.get_submodule(block_path)
             j = 0
             for a, transformer in enumerate(getattr(block, "attentions", None) or []):
@@ -210,7 +211,7 @@ class MultiViewUNet(ModelMixin, ConfigMixin, MultiViewBackbone):
                     attn.set_processor(MultiViewAttnProcessor(name, cross_view, stride=2**level))
                     layers.append(AttentionLayer(
                         name=name, cross_view=cross_view, num_heads=attn.heads, head_dim=head_dim,
-                        stride=2**level, index=len(layers),
+                        stride=2**level, index=len(layers), stage=stage,
                     ))
                     paths[name] = f"{block_path}.attentions.{a}.transformer_blocks.{t}.attn1"
                     j += 1
@@ -296,7 +297,7 @@ class MultiViewUNet(ModelMixin, ConfigMixin, MultiViewBackbone):
         (tested), while 3D levels and fresh q/k norms are what fine-tuning has to adapt to.
         """
         if preset not in PRESETS:
-            raise UnknownNameError("preset of backbone 'mv_unet'", preset, list(PRESETS))
+            raise UnknownNameError("mv_unet preset", preset, list(PRESETS))
         model = cls(**{**PRESETS[preset], **overrides})
         pretrained = _load_sd_unet_state_dict(Path(local_folder))
         pretrained = {k: v for k, v in pretrained.items() if not _TEXT_ATTENTION.search(k)}

@@ -6,6 +6,7 @@ own attention code: attention is recomputed naively from the layer's projections
 """
 from __future__ import annotations
 
+import pickle
 import re
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import torch
 from einops import rearrange
 
-import backbones
+import backbones.registry
 from backbones import (
     BackboneOutput,
     TapRequest,
@@ -367,6 +368,74 @@ def test_attention_layers_are_listed_in_execution_order(name):
     assert all(re.search(r"\d{2}", n) for n in names), "indices in names must be zero-padded"
 
 
+@pytest.mark.parametrize("name", BACKBONES)
+def test_every_layer_has_a_stage_and_stages_are_contiguous(name):
+    layers = micro(name).attention_layers()
+    stages = [layer.stage for layer in layers]
+    assert all(isinstance(stage, str) and stage for stage in stages)
+    runs = [stage for i, stage in enumerate(stages) if i == 0 or stages[i - 1] != stage]
+    assert len(runs) == len(set(runs)), f"a stage comes back after another one: {stages}"
+    assert micro(name).stages() == runs
+
+
+def naive_select(layers, selector: str, input_stride: int = 1) -> str:
+    """The selector grammar written out as plain loops over the forward order (test reference)."""
+    stage, rule = selector.split(":", 1) if selector.split(":", 1)[0] in {l.stage for l in layers} else (None, selector)
+    pool = [l for l in layers if stage is None or l.stage == stage]
+    if rule == "first":
+        return pool[0].name
+    if rule == "last":
+        return pool[len(pool) - 1].name
+    if rule == "first_cross_view":
+        return next(l.name for l in pool if l.cross_view)
+    if rule == "last_cross_view":
+        return next(l.name for l in reversed(pool) if l.cross_view)
+    if rule.startswith("1/"):
+        return next(l.name for l in pool if l.stride * input_stride == int(rule[2:]))
+    raise AssertionError(selector)
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_selectors_resolve_like_the_grammar_says(name):
+    model = micro(name)
+    layers = model.attention_layers()
+    for layer in layers:
+        assert model.resolve_layer(layer.name) == layer.name
+    strides = sorted({layer.stride for layer in layers})
+    for prefix in ["", *(f"{stage}:" for stage in model.stages())]:
+        pool = [l for l in layers if not prefix or l.stage == prefix[:-1]]
+        rules = ["first", "last"] + (["first_cross_view", "last_cross_view"] if any(l.cross_view for l in pool) else [])
+        rules += [f"1/{s}" for s in sorted({l.stride for l in pool})]
+        for rule in rules:
+            assert model.resolve_layer(prefix + rule) == naive_select(layers, prefix + rule), prefix + rule
+    for s in strides:  # on latents 8x smaller than the image, every grid is 8x coarser
+        assert model.resolve_layer(f"1/{8 * s}", input_stride=8) == naive_select(layers, f"1/{s}")
+    assert model.resolve_layer("depth:0") == layers[0].name and model.resolve_layer("depth:1") == layers[-1].name
+
+
+@pytest.mark.parametrize("name", BACKBONES)
+def test_unknown_selectors_list_the_layers_and_the_grammar(name):
+    model = micro(name)
+    valid = model.layer_names()
+    bad_selectors = ("no_such_stage:first", "first_cross_vew", "1/3", "depth:1.5", "depth:half",
+                     f"{model.stages()[0]}:middle")
+    for bad in bad_selectors:
+        with pytest.raises(UnknownLayerError) as err:
+            model.resolve_layer(bad)
+        message = str(err.value)
+        assert all(layer in message for layer in valid), bad
+        assert all(word in message for word in ("[STAGE:]RULE", "first_cross_view", "depth:F", "1/N", *model.stages()))
+        assert isinstance(err.value, ValueError)  # a bad config value, like an unknown registry name
+    with pytest.raises(UnknownLayerError, match=r"Did you mean \['first_cross_view'"):
+        model.resolve_layer("first_cross_vew")
+    with pytest.raises(ValueError, match="input_stride"):
+        model.resolve_layer("1/2", input_stride=0)
+    with pytest.raises(UnknownLayerError) as err:
+        model.resolve_layer("1/3")
+    back = pickle.loads(pickle.dumps(err.value))  # sweep workers send errors through a process pool
+    assert type(back) is UnknownLayerError and str(back) == str(err.value)
+
+
 # ---- the registry ------------------------------------------------------------------------------------
 class _Dummy(MultiViewBackbone, torch.nn.Module):
     def __init__(self, width: int = 1):
@@ -383,14 +452,21 @@ def test_every_backbone_has_micro_and_its_default_preset():
 def test_every_module_that_registers_is_imported():
     """Auto-import: a backbone file registers itself without being listed anywhere."""
     folder = Path(backbones.__file__).parent
-    registering = {
-        f"backbones.{path.stem}" for path in folder.glob("*.py") if "register_backbone(" in path.read_text()
-    } - {"backbones.__init__"}
+    registering = {  # a call or a decorator at the start of a line, not the definition in registry.py
+        f"backbones.{path.stem}" for path in folder.glob("*.py")
+        if re.search(r"^\s*@?register_backbone\(", path.read_text(), re.MULTILINE)
+    }
+    assert {"backbones.mv_dit", "backbones.mv_unet"} <= registering
     assert registering <= {get_backbone_spec(n).module for n in BACKBONES}
 
 
-def test_duplicate_names_raise(monkeypatch):
-    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Throwaway registrations go into a copy of the backbone registry."""
+    monkeypatch.setattr(backbones.registry, "BACKBONES", backbones.registry.BACKBONES.copy())
+
+
+def test_duplicate_names_raise(scratch_registry):
     with pytest.raises(ValueError, match="already registered"):
         register_backbone("mv_dit", presets={"tiny": {}})(_Dummy)
     register_backbone("dummy", presets={"tiny": {"width": 2}})(_Dummy)
@@ -399,8 +475,7 @@ def test_duplicate_names_raise(monkeypatch):
         register_backbone("dummy", presets={"tiny": {}})(_Dummy)
 
 
-def test_bad_registrations_fail_at_import(monkeypatch):
-    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))
+def test_bad_registrations_fail_at_import(scratch_registry):
     with pytest.raises(TypeError, match="'widht'.*width"):
         register_backbone("dummy", presets={"tiny": {"widht": 2}})(_Dummy)
     with pytest.raises(ValueError, match="default preset"):
@@ -410,10 +485,11 @@ def test_bad_registrations_fail_at_import(monkeypatch):
 
 
 def test_unknown_names_list_the_valid_ones():
-    with pytest.raises(UnknownNameError, match=r"Did you mean \['mv_dit'") as err:
+    with pytest.raises(UnknownNameError, match=r"unknown backbone 'mv_dti' \(did you mean 'mv_dit'") as err:
         create_backbone("mv_dti")
     assert all(name in str(err.value) for name in BACKBONES)
-    with pytest.raises(UnknownNameError) as err:
+    assert isinstance(err.value, KeyError) and isinstance(err.value, ValueError)
+    with pytest.raises(UnknownNameError, match=r"unknown mv_dit preset 'mikro' \(did you mean 'micro'\?\)") as err:
         create_backbone("mv_dit", "mikro")
     assert "micro" in str(err.value) and "XL/2" in str(err.value)
     with pytest.raises(TypeError, match="'depht'.*depth"):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbones import TapRequest, create_backbone, list_presets
+from backbones import TapRequest, UnknownLayerError, create_backbone, list_presets
 from backbones.mv_dit import CAMERA_CHANNELS
 from test_backbone_contract import SIZE, inputs, micro, run
 
@@ -79,6 +79,29 @@ def test_layer_names_are_stable_and_zero_padded():
     assert {(layer.stride, layer.num_heads, layer.head_dim) for layer in layers} == {(2, 2, 16)}
     with pytest.raises(ValueError, match="cross_view"):
         create_backbone("mv_dit", "micro", cross_view=[True])
+
+
+def test_every_block_is_stage_blocks_and_selectors_pick_by_order_and_view_mixing():
+    model = create_backbone("mv_dit", "tiny", cross_view=[False, True, True, False])
+    assert model.stages() == ["blocks"]
+    assert {layer.stage for layer in model.attention_layers()} == {"blocks"}
+    expected = {
+        "first": "blocks.00.attn", "blocks:last": "blocks.03.attn",
+        "first_cross_view": "blocks.01.attn", "blocks:last_cross_view": "blocks.02.attn",
+        "depth:0.5": "blocks.02.attn",  # 4 blocks: round(0.5 * 3) = 2, what the quickstart supervises
+        "1/2": "blocks.00.attn", "blocks:1/2": "blocks.00.attn",
+    }
+    assert {selector: model.resolve_layer(selector) for selector in expected} == expected
+    with torch.device("meta"):
+        xl = create_backbone("mv_dit", "XL/2")
+    assert xl.resolve_layer("1/16", input_stride=8) == "blocks.00.attn"  # 2x2 patches of 8x latents
+    assert xl.resolve_layer("depth:0.25") == "blocks.07.attn"  # round(0.25 * 27) = 7
+    with pytest.raises(UnknownLayerError, match=r"'decoder' is neither a stage.*stages of this model: \['blocks'\]"):
+        model.resolve_layer("decoder:first_cross_view")  # the DiT has no decoder, and does not pretend to
+    with pytest.raises(UnknownLayerError, match="its grids are at 1/2"):
+        model.resolve_layer("1/4")
+    with pytest.raises(UnknownLayerError, match="has no cross-view layer"):
+        create_backbone("mv_dit", "micro", cross_view=False).resolve_layer("first_cross_view")
 
 
 def test_learned_positions_start_equal_to_sincos_and_are_trained():

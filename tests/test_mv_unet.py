@@ -62,6 +62,8 @@ def test_layer_names_follow_execution_order():
     assert sum(n.startswith("down.") for n in names) == 2 * 5
     assert sum(n.startswith("up.") for n in names) == 2 * 6
     assert names[10] == "mid.attn.00" and names[11] == "up.00.attn.00" and names[-1] == "up.01.attn.05"
+    # stages are the blocks: down = encoder, mid, up = decoder
+    assert [layer.stage for layer in layers] == ["encoder"] * 10 + ["mid"] + ["decoder"] * 12
 
 
 def test_sd21_layout_on_meta_device():
@@ -87,6 +89,46 @@ def test_sd21_layout_on_meta_device():
     ours = sum(p.numel() for n, p in model.named_parameters() if "camera_encoder" not in n and "norm_q" not in n
                and "norm_k" not in n)
     assert ours == sd21_unet - text_attention
+
+
+def _meta(preset: str):
+    with torch.device("meta"):
+        return create_backbone("mv_unet", preset)
+
+
+def test_sd21_paper_layer_by_resolution_and_first_cross_view_decoder_layer():
+    """CAMEO's layer 10 is the first decoder attention at 1/16 of the image (32x32 tokens for
+    512 px images, i.e. 64x64 SD latents: input_stride 8)."""
+    model = _meta("sd21")
+    assert model.resolve_layer("decoder:1/16", input_stride=8) == "up.02.attn.00"
+    assert model.get_attention_layer("up.02.attn.00").index == 10
+    assert model.resolve_layer("decoder:first_cross_view") == "up.01.attn.00"  # 16x16, after the mid block
+    assert model.resolve_layer("decoder:last_cross_view") == "up.02.attn.02"
+    assert model.resolve_layer("encoder:first_cross_view") == "down.01.attn.00"
+    assert model.resolve_layer("first_cross_view") == "down.01.attn.00"
+    assert model.resolve_layer("1/16", input_stride=8) == "down.01.attn.00"  # the encoder comes first
+    assert model.resolve_layer("decoder:1/8", input_stride=8) == "up.03.attn.00"
+    assert model.resolve_layer("mid:first") == model.resolve_layer("1/64", input_stride=8) == "mid.attn.00"
+    assert model.resolve_layer("decoder:first") == "up.01.attn.00"  # up_blocks.0 has no attention in SD
+    with pytest.raises(UnknownLayerError, match=r"input_stride=1; its grids are at 1/1, 1/2, 1/4"):
+        model.resolve_layer("decoder:1/16")  # in pixel units the decoder has no 1/16 grid
+
+
+@pytest.mark.parametrize("preset, selector, expected", [
+    ("micro", "decoder:first_cross_view", "up.00.attn.00"),
+    ("micro", "decoder:last_cross_view", "up.00.attn.01"),
+    ("micro", "decoder:1/1", "up.01.attn.00"),
+    ("micro", "encoder:1/1", "down.00.attn.00"),
+    ("micro", "first_cross_view", "down.01.attn.00"),
+    ("micro", "last", "up.01.attn.01"),
+    ("micro", "depth:0.5", "up.00.attn.00"),  # 7 layers: index round(0.5 * 6) = 3
+    ("micro", "decoder:depth:0.5", "up.01.attn.00"),  # 4 decoder layers: round(1.5) = 2
+    ("tiny", "decoder:first_cross_view", "up.00.attn.00"),
+    ("tiny", "decoder:1/2", "up.01.attn.00"),  # the quickstart's UNet layer: highest 3D decoder resolution
+    ("tiny", "encoder:first", "down.01.attn.00"),  # no attention at the top level
+])
+def test_selectors_on_small_unets(preset, selector, expected):
+    assert _meta(preset).resolve_layer(selector) == expected
 
 
 # ---- attention correctness ---------------------------------------------------------------------

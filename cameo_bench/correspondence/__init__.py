@@ -1,4 +1,4 @@
-"""Correspondence sources: a batch -> sparse token-level targets on a layer's grid.
+"""The correspondence stage's API: registered sources turn a batch into sparse token targets on a layer's grid.
 
     targets = compute_targets("depth", batch, grid=(V, h, w), stride=s, mode="soft", k=4)
 

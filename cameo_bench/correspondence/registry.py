@@ -1,4 +1,4 @@
-"""Registry of correspondence sources.
+"""The registry of correspondence sources: names -> functions turning a batch into token targets.
 
 A source is a function `fn(batch, grid, stride, **options) -> CorrespondenceTargets | None`
 registered under a name together with the batch keys it needs, so the engine can reject an
@@ -7,7 +7,6 @@ says which keys would be enough.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
@@ -15,6 +14,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from cameo_bench.correspondence.targets import CorrespondenceTargets
+from cameo_bench.registry import Registry
 
 SourceFn = Callable[..., "CorrespondenceTargets | None"]
 
@@ -71,34 +71,30 @@ class Source:
         return self.fn(batch, grid, stride, **options)
 
 
-_SOURCES: dict[str, Source] = {}
+SOURCES: Registry[Source] = Registry("correspondence source")
 
 
 def register_source(
     name: str, *, requires: Iterable[Iterable[str]] = ((),), soft_only: bool = False
 ) -> Callable[[SourceFn], SourceFn]:
     """Decorator: register `fn` under `name`. A second registration of a name is a bug (two
-    modules would silently fight over which one an experiment gets), so it raises."""
+    modules would silently fight over which one an experiment gets), so it raises ValueError."""
 
     def decorator(fn: SourceFn) -> SourceFn:
-        if name in _SOURCES:
-            raise ValueError(f"correspondence source {name!r} is already registered ({_SOURCES[name].fn})")
-        _SOURCES[name] = Source(name, fn, tuple(frozenset(alt) for alt in requires), soft_only)
+        source = Source(name, fn, tuple(frozenset(alt) for alt in requires), soft_only)
+        SOURCES.register(name, source, origin=f"{fn.__module__}.{fn.__qualname__}")
         return fn
 
     return decorator
 
 
 def list_sources() -> list[str]:
-    return sorted(_SOURCES)
+    return SOURCES.list()
 
 
 def get_source(name: str) -> Source:
-    if name not in _SOURCES:
-        close = difflib.get_close_matches(name, _SOURCES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise KeyError(f"unknown correspondence source {name!r}{hint}; valid sources: {list_sources()}")
-    return _SOURCES[name]
+    """The source registered as `name`; `UnknownNameError` (a KeyError) lists the valid ones."""
+    return SOURCES.get(name)
 
 
 def _check_grid(batch: Mapping[str, torch.Tensor], grid: tuple[int, int, int], stride: int) -> None:

@@ -7,14 +7,14 @@ foreign conventions are undone here, once, and nowhere else. `convert` writes th
 """
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from cameo_bench.data.scene_folder import DatasetWriter, SceneFolderError
+from cameo_bench.data.scene_format import DatasetWriter, SceneFolderError
+from cameo_bench.registry import Registry
 
 
 @dataclass
@@ -36,29 +36,21 @@ class ConvertedScene:
 
 
 Converter = Callable[[Path], Iterator[ConvertedScene]]
-_CONVERTERS: dict[str, Converter] = {}
+CONVERTERS: Registry[Converter] = Registry("converter")
 
 
 def register_converter(name: str) -> Callable[[Converter], Converter]:
-    def decorate(fn: Converter) -> Converter:
-        if name in _CONVERTERS:
-            raise ValueError(f"converter {name!r} is already registered")
-        _CONVERTERS[name] = fn
-        return fn
-
-    return decorate
+    """Decorator: register a converter under the `--format` name; a second one of a name raises."""
+    return CONVERTERS.decorator(name)
 
 
 def list_converters() -> list[str]:
-    return sorted(_CONVERTERS)
+    return CONVERTERS.list()
 
 
 def get_converter(name: str) -> Converter:
-    if name not in _CONVERTERS:
-        close = difflib.get_close_matches(name, _CONVERTERS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown converter {name!r}{hint}; valid: {list_converters()}")
-    return _CONVERTERS[name]
+    """The converter of `--format name`; `UnknownNameError` (a ValueError) lists the valid ones."""
+    return CONVERTERS.get(name)
 
 
 def convert(fmt: str, src: str | Path, out: str | Path, split: str = "train", overwrite: bool = False,
