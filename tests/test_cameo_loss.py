@@ -57,11 +57,11 @@ def naive_scores(q_full, k_all, head, params):
         Fz = S.mean(1, keepdim=True)
     elif head == "linear":
         Fz = torch.einsum("h,bhqk->bqk", params["head_weight"], S)[:, None]
-    elif head == "mlp":
-        mlp = nn.Sequential(nn.Linear(H, 4 * H), nn.GELU(), nn.Linear(4 * H, 1))
-        mlp[0].weight, mlp[0].bias = params["head.0.weight"], params["head.0.bias"]
-        mlp[2].weight, mlp[2].bias = params["head.2.weight"], params["head.2.bias"]
-        Fz = mlp(S.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # as CAMEO's HeadMlp_Softmax
+    elif head == "mlp":  # as CAMEO's HeadMlp_Softmax, less the last bias the softmax ignores
+        hidden = torch.nn.functional.gelu(
+            torch.einsum("bhqk,oh->bqko", S, params["head.0.weight"]) + params["head.0.bias"]
+        )  # [B, N, N, 4H]
+        Fz = torch.einsum("bqko,po->bpqk", hidden, params["head.2.weight"])  # [B, 1, N, N]
     else:
         Fz = S
     return Fz.reshape(B, Fz.shape[1], N, V, HW)
@@ -159,8 +159,7 @@ def run_both(problem, opts, qpv=None, chunk_size=16, backward="fused", cost=None
     """
     q_full, k_all, targets, _ = problem
     if cost is not None:
-        targets = CorrespondenceTargets(targets.idx, targets.weight, targets.valid, targets.grid)
-        targets.cost = cost
+        targets = CorrespondenceTargets(targets.idx, targets.weight, targets.valid, targets.grid, cost)
     cameo = CameoLoss(H, queries_per_view=qpv, chunk_size=chunk_size, backward=backward, **opts)
     randomise_head(cameo)
     query_idx = cameo.select_queries(targets, NUM_REF, torch.Generator().manual_seed(seed))
@@ -260,12 +259,37 @@ def test_uniform_attention_gives_the_analytic_value(problem, normalization, loss
     assert diag["pairs_ref"] > 0 and diag["pairs_tgt"] > 0
 
 
+HEAD_PARAMETERS = {
+    "mean": [], "per_head": [], "linear": ["head_weight"],
+    # H -> 4H -> 1 GELU; no last bias: a constant added to every logit leaves each softmax as is,
+    # so its gradient would be exactly zero (only rounding noise made it nonzero on some CPUs).
+    "mlp": ["head.0.weight", "head.0.bias", "head.2.weight"],
+}
+
+
 @pytest.mark.parametrize("head", ["mean", "linear", "mlp", "per_head"])
 def test_gradients_reach_q_k_and_the_head(problem, head):
+    """Every leaf the loss depends on gets a gradient the math makes nonzero: q, k and each head
+    parameter (for the MLP: both first-layer tensors and the last layer's weight)."""
     got, _, _, leaves, _ = run_both(problem, dict(DEFAULT, head=head))
+    cameo = CameoLoss(H, **dict(DEFAULT, head=head))
+    assert [name for name, _ in cameo.named_parameters()] == HEAD_PARAMETERS[head]
     got.backward()
-    for leaf in leaves:
-        assert leaf.grad is not None and torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0
+    for name, leaf in zip(["q", "k", *HEAD_PARAMETERS[head]], leaves, strict=True):
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all(), name
+        assert leaf.grad.abs().max() > 1e-4, name  # O(1e-2) and up here; rounding noise is O(1e-9)
+
+
+def test_mlp_head_shape_and_old_checkpoints_without_the_dead_bias():
+    """H -> 4H -> 1 with GELU and no last bias; a state dict saved with that bias still loads
+    (the bias is dropped: it never changed the loss)."""
+    cameo = CameoLoss(H, head="mlp")
+    first, act, last = cameo.head
+    assert (first.in_features, first.out_features, first.bias is not None) == (H, 4 * H, True)
+    assert isinstance(act, nn.GELU) and act.approximate == "none"
+    assert (last.in_features, last.out_features, last.bias) == (4 * H, 1, None)
+    old = dict(cameo.state_dict(), **{"head.2.bias": torch.tensor([0.3])})
+    CameoLoss(H, head="mlp").load_state_dict(old)  # strict
 
 
 def test_invalid_pairs_contribute_nothing(problem):
@@ -372,11 +396,15 @@ def test_accuracy_diagnostic_reads_the_argmax(problem):
     query_idx = torch.arange(N).expand(B, N)
     with torch.no_grad():
         Fz = naive_scores(q_full, k_all, "mean", {})  # [B, 1, N, V, HW]
-    best = Fz[:, 0].argmax(-1)[..., None]  # [B, N, V, 1]: targets at the attention argmax
-    hit = CorrespondenceTargets(best, torch.ones_like(best, dtype=torch.float), targets.valid, targets.grid)
+    top2 = Fz[:, 0].topk(2, dim=-1)  # [B, N, V, 2]
+    best = top2.indices[..., :1]  # [B, N, V, 1]: targets at the attention argmax
+    # Only pairs whose argmax is clear: a near tie could go either way with other rounding.
+    clear = targets.valid & (top2.values[..., 0] - top2.values[..., 1] > 1e-3)
+    assert clear.sum() > 0.9 * targets.valid.sum()
+    hit = CorrespondenceTargets(best, torch.ones_like(best, dtype=torch.float), clear, targets.grid)
     _, diag = cameo(tap_for(q_full, k_all, query_idx), hit, NUM_REF)
     assert diag["acc"].item() == 1.0
-    miss = CorrespondenceTargets((best + 1) % HW, hit.weight, targets.valid, targets.grid)
+    miss = CorrespondenceTargets((best + 1) % HW, hit.weight, clear, targets.grid)
     _, diag = cameo(tap_for(q_full, k_all, query_idx), miss, NUM_REF)
     assert diag["acc"].item() == 0.0
 
@@ -415,3 +443,109 @@ def test_reads_the_tap_of_the_shared_attention(problem):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     got.backward()
     assert q_full.grad[:, :, query_idx[0]].abs().sum() > 0 and k_all.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------- log_eps
+def one_pair_problem(logit_gap: float):
+    """One target-view query, one valid reference key view of two tokens; the target token's
+    logit is `logit_gap` below the other one's, so its probability is sigmoid(-logit_gap)."""
+    targets = CorrespondenceTargets(
+        idx=torch.zeros(1, 4, 2, 1, dtype=torch.long), weight=torch.ones(1, 4, 2, 1),
+        valid=torch.zeros(1, 4, 2, dtype=torch.bool), grid=(2, 1, 2),
+    )
+    targets.valid[0, 2, 0] = True  # query token 0 of view 1 -> token 0 of view 0
+    k = torch.zeros(1, 1, 4, 1)
+    k[0, 0, 0, 0], k[0, 0, 1, 0] = -logit_gap / 2, logit_gap / 2
+    tap = TapResult(q=torch.ones(1, 1, 1, 1), k=k, scale=1.0, grid=(2, 1, 2), query_idx=torch.tensor([[2]]))
+    return tap, targets
+
+
+@pytest.mark.parametrize("loss", ["ce", "kl"])
+def test_log_eps_zero_is_exact_and_positive_is_the_released_log(loss):
+    gap = 20.0
+    p = 1 / (1 + math.exp(gap))  # 2.1e-9: below the released 1e-8
+    tap, targets = one_pair_problem(gap)
+    exact, _ = CameoLoss(1, head="mean", loss=loss)(tap, targets, num_ref=1)
+    released, _ = CameoLoss(1, head="mean", loss=loss, log_eps=1e-8)(tap, targets, num_ref=1)
+    torch.testing.assert_close(exact, torch.tensor(-math.log(p)), rtol=1e-6, atol=0)  # one-hot: kl = ce
+    torch.testing.assert_close(released, torch.tensor(-math.log(p + 1e-8)), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="log_eps"):
+        CameoLoss(1, log_eps=-1e-8)
+
+
+# ------------------------------------------------------------------------- DDP count hook
+def test_reduce_counts_hook_makes_ranks_average_to_the_global_mean(problem):
+    """Two simulated ranks, one sample each: with the hook returning the summed counts and world
+    2, the mean of the rank losses and of their gradients (what DDP's all-reduce gives) equals
+    the one-process loss over both samples. The hook runs once per training forward only."""
+    q_full, k_all, targets, _ = problem
+    opts = dict(DEFAULT, normalization="global")
+    full = CameoLoss(H, **opts)
+    randomise_head(full)
+    query_idx = torch.arange(N).expand(B, N)
+    leaves = [q_full.clone().requires_grad_(True), k_all.clone().requires_grad_(True)]
+    want, _ = full(tap_for(*leaves, query_idx), targets, NUM_REF)
+    want_grads = torch.autograd.grad(want, [*leaves, *full.parameters()])
+
+    shards = [targets.select(slice(b, b + 1)) for b in range(B)]
+    with torch.no_grad():  # each rank's local counts, as the all-reduce would sum them
+        local = [torch.stack([d["pairs_ref"], d["pairs_tgt"]]).float()
+                 for d in (full(TapResult(q=q_full[b:b + 1], k=k_all[b:b + 1], scale=D**-0.5, grid=(V, h, w),
+                                          query_idx=query_idx[b:b + 1]), shards[b], NUM_REF)[1] for b in range(B))]
+    calls = []
+
+    def reduce_counts(counts):
+        calls.append(counts.clone())
+        return local[0] + local[1], 2
+
+    ranks = []
+    for b in range(B):
+        rank = CameoLoss(H, **opts, reduce_counts=reduce_counts)
+        rank.load_state_dict(full.state_dict())
+        rank_leaves = [q_full[b:b + 1].clone().requires_grad_(True), k_all[b:b + 1].clone().requires_grad_(True)]
+        value, _ = rank(TapResult(q=rank_leaves[0], k=rank_leaves[1], scale=D**-0.5, grid=(V, h, w),
+                                  query_idx=query_idx[b:b + 1]), shards[b], NUM_REF)
+        ranks.append((value, torch.autograd.grad(value, [*rank_leaves, *rank.parameters()])))
+        torch.testing.assert_close(calls[-1], local[b], atol=0, rtol=0)
+    assert len(calls) == B  # once per forward
+    torch.testing.assert_close((ranks[0][0] + ranks[1][0]) / 2, want, atol=1e-6, rtol=1e-5)
+    for i, g in enumerate(want_grads):
+        if i < 2:  # q and k: each rank holds its own sample's rows
+            got = torch.cat([ranks[0][1][i], ranks[1][1][i]]) / 2
+        else:  # head parameters: DDP averages the ranks' gradients
+            got = (ranks[0][1][i] + ranks[1][1][i]) / 2
+        torch.testing.assert_close(got, g, atol=1e-6, rtol=1e-4)
+
+    rank.eval()
+    rank(tap_for(q_full, k_all, query_idx), targets, NUM_REF)
+    assert len(calls) == B  # eval mode: local means, no collective
+
+
+def test_single_process_hook_is_bit_identical_to_no_hook(problem):
+    """In one process the engine may pass the hook (global = local counts, world 1): the value
+    and the gradients must not change by a single bit."""
+    q_full, k_all, targets, _ = problem
+    results = []
+    for hook in (None, lambda counts: (counts, 1)):
+        cameo = CameoLoss(H, **dict(DEFAULT, head="linear"), reduce_counts=hook)
+        randomise_head(cameo)
+        leaves = [q_full.clone().requires_grad_(True), k_all.clone().requires_grad_(True)]
+        value, _ = cameo(tap_for(*leaves, torch.arange(N).expand(B, N)), targets, NUM_REF)
+        results.append((value, torch.autograd.grad(value, [*leaves, *cameo.parameters()])))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
+
+
+def test_targets_cost_is_validated_and_travels():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 4, (2, 8, 2, 1), generator=g)
+    valid = torch.rand(2, 8, 2, generator=g) > 0.5
+    cost = torch.rand(2, 8, 2, generator=g)
+    t = CorrespondenceTargets(idx, torch.ones(2, 8, 2, 1), valid, (2, 2, 2), cost)
+    assert t.to("cpu").cost is not None and torch.equal(t.to("cpu").cost, cost)
+    assert torch.equal(t.select(slice(1, 2)).cost, cost[1:2])
+    assert CorrespondenceTargets(idx, torch.ones(2, 8, 2, 1), valid, (2, 2, 2)).cost is None
+    with pytest.raises(ValueError, match="cost"):
+        CorrespondenceTargets(idx, torch.ones(2, 8, 2, 1), valid, (2, 2, 2), cost[:1])
+    with pytest.raises(ValueError, match="cost"):
+        CorrespondenceTargets(idx, torch.ones(2, 8, 2, 1), valid, (2, 2, 2), valid)

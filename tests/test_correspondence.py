@@ -19,6 +19,7 @@ from cameo_bench.correspondence.matches import detect, verified_matches
 from cameo_bench.correspondence.pointmap import token_points
 
 SOURCES = ["depth", "pointmap_nn", "noisy_depth", "matches", "epipolar", "shuffled", "none"]
+WITH_COST = {"depth", "pointmap_nn", "noisy_depth", "shuffled"}  # sources that measure a 3D match distance
 
 
 # ----------------------------------------------------------------------------- scene builders
@@ -174,6 +175,10 @@ def test_every_source_fills_the_sparse_format_and_never_supervises_own_view(name
     w = targets.weight[targets.valid]
     assert torch.allclose(w.sum(-1), torch.ones(len(w)), atol=1e-5)
     assert (targets.weight[~targets.valid] == 0).all()
+    assert (targets.cost is not None) == (name in WITH_COST)
+    if targets.cost is not None:  # [B, N, V], inf on the own view, a distance elsewhere
+        assert targets.cost.shape == (B, N, V) and torch.isinf(targets.cost[0, torch.arange(N), own]).all()
+        assert (targets.cost >= 0).all() and torch.isfinite(targets.cost[targets.valid]).mean(dtype=float) > 0.9
 
 
 # ----------------------------------------------------------------------------- depth
@@ -226,6 +231,35 @@ def test_depth_occluder_matches_brute_force_loop(mode):
     # The scene does hide something: background tokens next to the occluder lose their target.
     visible_without_occluder = brute_force_slab(slab_scene(**{**OCCLUDER_SCENE, "occluder": None}), 4, mode)
     assert len(expected) < len(visible_without_occluder)
+
+
+def slab_point(batch: dict, view: int, row: int, col: int) -> np.ndarray:
+    """World point of a pixel of the slab scene: lateral camera at x, depth ray-cast per pixel."""
+    Z = float(batch["depth"][0, view, row, col])
+    f = float(batch["intrinsics"][0, 0, 0, 0])
+    c = float(batch["intrinsics"][0, 0, 0, 2])
+    x = float(batch["cam2world"][0, view, 0, 3])
+    return np.array([(col - c) * Z / f + x, (row - c) * Z / f, Z])
+
+
+@pytest.mark.parametrize("mode", ["center", "soft"])
+def test_depth_cost_is_the_distance_between_the_token_centres_points(mode):
+    """cost = || X(query centre pixel in view i) - X(heaviest target token's centre pixel in
+    view j) ||, each lifted with its own view's depth; inf on invalid pairs and the own view.
+    Sub-token shifts (2.8 px background, 5.6 px occluder at stride 4) make the distances nonzero;
+    which pairs are valid and which token they target is tested above."""
+    batch = slab_scene(32, 32.0, [0.0, 0.7], 8.0, occluder=(4.0, -0.5, 0.25, -1.0, 0.5))
+    stride, w, centre = 4, 8, 2
+    targets = compute_targets("depth", batch, (2, 8, 8), stride, mode=mode, k=4)
+    expected = torch.full((2 * 64, 2), float("inf"), dtype=torch.float64)
+    for (i, q, j), (tokens, weights) in as_dict(targets).items():
+        (a, b), (ta, tb) = divmod(q, w), divmod(tokens[int(np.argmax(weights))], w)
+        X_q = slab_point(batch, i, a * stride + centre, b * stride + centre)
+        X_t = slab_point(batch, j, ta * stride + centre, tb * stride + centre)
+        expected[i * 64 + q, j] = float(np.linalg.norm(X_q - X_t))
+    finite = torch.isfinite(expected)
+    assert finite.sum() > 50 and (expected[finite] > 0.1).float().mean() > 0.5
+    torch.testing.assert_close(targets.cost[0], expected, atol=1e-9, rtol=1e-9)
 
 
 def test_depth_occluder_hides_exactly_the_hidden_tokens():
@@ -312,8 +346,16 @@ def test_pointmap_nn_equals_naive_loops(tau, cycle):
     base = torch.rand(1, 1, 3, 6, 6, generator=g, dtype=torch.float64)
     points = base + 0.15 * torch.randn(1, 3, 3, 6, 6, generator=g, dtype=torch.float64)  # 3 noisy views
     targets = compute_targets("pointmap_nn", {"point_map": points}, (3, 6, 6), 1, tau=tau, cycle=cycle)
-    expected = naive_pointmap_nn(points.permute(0, 1, 3, 4, 2).reshape(1, 3, 36, 3).numpy(), tau, cycle)
+    flat = points.permute(0, 1, 3, 4, 2).reshape(1, 3, 36, 3).numpy()
+    expected = naive_pointmap_nn(flat, tau, cycle)
     assert_same(as_dict(targets), expected)
+    # cost: the nearest 3D distance in every other view, cycle check or not; inf on the own view
+    want = np.full((3 * 36, 3), np.inf)
+    for i in range(3):
+        for t in range(36):
+            for j in set(range(3)) - {i}:
+                want[i * 36 + t, j] = np.linalg.norm(flat[0, j] - flat[0, i, t], axis=-1).min()
+    np.testing.assert_allclose(targets.cost[0].numpy(), want, rtol=1e-9, atol=1e-9)  # cdist: ||a||^2 + ||b||^2 - 2ab
 
 
 def test_pointmap_nn_on_a_plane_and_what_the_cycle_check_keeps():
@@ -383,6 +425,7 @@ def test_noisy_depth_at_zero_noise_equals_depth(mode):
     a = compute_targets("depth", batch, (2, 8, 8), 4, mode=mode)
     b = compute_targets("noisy_depth", batch, (2, 8, 8), 4, mode=mode, noise=0.0, seed=1)
     assert torch.equal(a.valid, b.valid) and torch.equal(a.idx, b.idx) and torch.equal(a.weight, b.weight)
+    assert torch.equal(a.cost, b.cost)
 
 
 def test_noisy_depth_error_grows_with_noise_and_is_seeded():
@@ -422,6 +465,11 @@ def test_shuffled_keeps_the_statistics_but_not_the_geometry():
         assert torch.equal(ref.idx[0, m, j, 0].sort().values, shuf.idx[0, m, j, 0].sort().values)
     agree = (ref.idx[..., 0] == shuf.idx[..., 0])[ref.valid].float().mean()
     assert agree < 0.1
+    for j in range(3):  # the cost travels with its target: same (target, cost) pairs per key view
+        m = ref.valid[0, :, j]
+        pairs = lambda t: sorted(zip(t.idx[0, m, j, 0].tolist(), t.cost[0, m, j].tolist()))  # noqa: E731
+        assert pairs(ref) == pairs(shuf)
+    assert torch.equal(ref.cost[~ref.valid], shuf.cost[~ref.valid])
     again = compute_targets("shuffled", batch, (3, 16, 16), 2, seed=0)
     assert torch.equal(again.idx, shuf.idx)
 

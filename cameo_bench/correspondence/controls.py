@@ -1,4 +1,4 @@
-"""Controls for causality claims: `shuffled` (right statistics, wrong geometry) and `none`.
+"""The control sources for causality claims: `shuffled` (right statistics, wrong geometry) and `none`.
 
 If CAMEO helps only because an auxiliary attention loss regularises the layer, `shuffled` should
 help as much as `depth`; if it helps because of the geometry, it should not.
@@ -17,8 +17,10 @@ def shuffle_targets(targets: CorrespondenceTargets, seed: int) -> Correspondence
     """Permute the targets among the valid queries of each (sample, key view).
 
     The validity mask, the number of targets and the histogram of target tokens per key view are
-    unchanged; which query gets which target is random. Vectorised: sorting the valid entries by
-    group + U(0, 1) draws a uniform permutation inside every group at once.
+    unchanged; which query gets which target is random. A `cost` travels with its target (the
+    same permutation): its statistics per key view stay, and `onehot_global` can no longer pick
+    the view by the true geometry either. Vectorised: sorting the valid entries by group +
+    U(0, 1) draws a uniform permutation inside every group at once.
     """
     B, N, V, k = targets.idx.shape
     generator = torch.Generator().manual_seed(seed)
@@ -33,7 +35,10 @@ def shuffle_targets(targets: CorrespondenceTargets, seed: int) -> Correspondence
         flat[pos] = flat[perm]
         return rearrange(flat, "(b v n) k -> b n v k", b=B, v=V)
 
-    return CorrespondenceTargets(permute(targets.idx), permute(targets.weight), targets.valid.clone(), targets.grid)
+    cost = None if targets.cost is None else permute(targets.cost[..., None])[..., 0]
+    return CorrespondenceTargets(
+        permute(targets.idx), permute(targets.weight), targets.valid.clone(), targets.grid, cost
+    )
 
 
 @register_source("shuffled", requires=(DEPTH_KEYS,))

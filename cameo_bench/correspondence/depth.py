@@ -1,7 +1,13 @@
-"""`depth`: ground-truth depth reprojected into every other view, with an explicit occlusion test.
+"""`depth`: the reference target source, ground-truth depth reprojected with an occlusion test.
 
-The reference source: where depth and poses are exact, so is the target (up to depth quantisation),
-and unlike the point-map nearest neighbour it never keeps a query whose surface is hidden in view j.
+Where depth and poses are exact, so is the target (up to depth quantisation), and unlike the
+point-map nearest neighbour it never keeps a query whose surface is hidden in view j.
+The targets' `cost` (what `onehot_global` ranks key views by) is the world distance between the
+3D points of the query token's centre pixel and of its target token's centre pixel in view j
+(each lifted with its own view's depth), inf where the pair is not valid (out of frame, occluded,
+too few visible pixels) or either centre pixel has no depth. Unlike `pointmap_nn`'s nearest
+distance it is only defined where the target is: reprojection finds no match in a view that
+does not see the point.
 """
 from __future__ import annotations
 
@@ -20,11 +26,38 @@ from cameo_bench.correspondence.tokens import (
     subsample_intrinsics,
     view_pairs,
 )
-from cameo_bench.geometry import reproject
+from cameo_bench.geometry import reproject, unproject
 
 MODES = ("center", "argmax", "soft")
 DEPTH_KEYS = ("depth", "intrinsics", "cam2world")
 _MAX_PIXELS_PER_CHUNK = 1 << 22
+
+
+def _centre_points(depth: torch.Tensor, intrinsics: torch.Tensor, cam2world: torch.Tensor, stride: int):
+    """World points [B, V, h*w, 3] of the token centre pixels and whether their depth is valid
+    [B, V, h*w]: the 3D position a token stands for in the match cost."""
+    off = centre_offset(stride)
+    depth_c = depth[..., off::stride, off::stride]  # [B, V, h, w]
+    points = unproject(depth_c, subsample_intrinsics(intrinsics, stride, off), cam2world)  # [B, V, h, w, 3]
+    ok = torch.isfinite(depth_c) & (depth_c > 0)
+    return rearrange(points, "b v h w c -> b v (h w) c"), rearrange(ok, "b v h w -> b v (h w)")
+
+
+def _match_cost(points, ok, query_view, key_view, target, valid) -> torch.Tensor:
+    """||X_query - X_target|| per pair, inf where the pair is invalid or a centre has no depth.
+
+    points/ok from `_centre_points`; query_view/key_view index their view axis (broadcasting
+    against each other: [V, 1] and [1, V], or [P] and [P]); target [B, ..., T] the target token
+    in the key view, valid like it. Returns a float tensor shaped like target.
+    """
+    X_q, ok_q = points[:, query_view], ok[:, query_view]  # [B, ..., T, 3]
+    X_k, ok_k = points[:, key_view], ok[:, key_view]
+    X_q, X_k = torch.broadcast_tensors(X_q, X_k)
+    ok_q, ok_k = torch.broadcast_tensors(ok_q, ok_k)
+    X_t = torch.gather(X_k, -2, target[..., None].expand(*target.shape, 3))  # [B, ..., T, 3]
+    ok_t = torch.gather(ok_k, -1, target)
+    dist = (X_q - X_t).norm(dim=-1)
+    return torch.where(valid & ok_q & ok_t, dist, torch.full_like(dist, float("inf")))
 
 
 def depth_targets(
@@ -48,6 +81,7 @@ def depth_targets(
       * `soft`: the k largest histogram bins, normalised to sum to 1 over those k.
     For the histogram modes a query is valid iff at least `min_visible` of its pixels are visible.
     `rel_tol` is the occlusion test's relative z tolerance (see `geometry.reproject`).
+    `cost` is the centre-to-centre 3D distance of the (heaviest) target (module docstring).
     """
     if mode not in MODES:
         raise ValueError(f"unknown depth target mode {mode!r}; valid modes: {list(MODES)}")
@@ -68,7 +102,11 @@ def depth_targets(
             intrinsics[:, None], cam2world[:, None], depth_j=depth[:, None], rel_tol=rel_tol,
         )  # [B, V, V, h, w, 2], [B, V, V, h, w]
         idx = rearrange(pixel_to_token(uv, stride, h, w), "b vi vj h w -> b vi vj (h w) 1")
-        return assemble_all_pairs(idx, rearrange(ok, "b vi vj h w -> b vi vj (h w)"), grid)
+        ok = rearrange(ok, "b vi vj h w -> b vi vj (h w)")
+        views = torch.arange(V, device=depth.device)
+        cost = _match_cost(*_centre_points(depth, intrinsics, cam2world, stride),
+                           views[:, None], views[None, :], idx[..., 0], ok)  # [B, V, V, hw]
+        return assemble_all_pairs(idx, ok, grid, cost=cost)
 
     # Every pixel of every pair: bound the temporaries at paper scale (512^2 px, 12 pairs) by
     # running the flattened (sample, pair) axis in chunks; at CPU sizes this is one chunk.
@@ -95,7 +133,9 @@ def depth_targets(
     valid = num_visible >= min_visible * stride * stride
     weight = counts / counts.sum(-1, keepdim=True).clamp(min=1)
     shape = (B, P, h * w)
-    return assemble(idx.reshape(*shape, kk), weight.reshape(*shape, kk), valid.reshape(shape), grid, vi, vj)
+    idx, valid = idx.reshape(*shape, kk), valid.reshape(shape)
+    cost = _match_cost(*_centre_points(depth, intrinsics, cam2world, stride), vi, vj, idx[..., 0], valid)
+    return assemble(idx, weight.reshape(*shape, kk), valid, grid, vi, vj, cost=cost)
 
 
 @register_source("depth", requires=(DEPTH_KEYS,))

@@ -1,4 +1,4 @@
-"""`epipolar`: a soft band along the epipolar line, from poses alone (SOFT-ONLY source).
+"""`epipolar`: the soft-only source of a band along the epipolar line, from poses alone.
 
 Every posed dataset (RealEstate10K, DL3DV, ...) can feed it, but it is a 1-D constraint: the target
 spreads its mass over the tokens near the line (typically 10-30 of them), so the true token gets a
@@ -8,7 +8,7 @@ Instead of the infinite line l = F p we use the part of it that can hold the cor
 projections of the query ray's points at depths d in [d_min, d_max] that lie in front of camera j.
 With the defaults (0, inf) that is the half-line from the epipole to the ray's vanishing point; for
 a pure rotation it collapses to the single homography point K_j R K_i^-1 p, where the epipolar
-line itself is undefined.
+line itself is undefined. The targets carry no `cost`: a band holds no single match.
 """
 from __future__ import annotations
 

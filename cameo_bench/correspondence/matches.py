@@ -1,4 +1,4 @@
-"""`matches`: classical SIFT matches (OpenCV), sparse: most queries have no target.
+"""`matches`: the source of sparse targets from classical SIFT matches (OpenCV); most queries have none.
 
 What a dataset without depth or point maps can still offer. Per view: SIFT keypoints and
 descriptors; per unordered view pair: nearest neighbours both ways, Lowe's ratio test, mutual check,
@@ -9,6 +9,8 @@ j -> i) come from the same match set, so the targets are symmetric.
 Measured on repetitive procedural textures (notes/data.md 2c): few matches at 64 px and a collapse
 beyond ~30 degrees; meaningful on larger, non-repetitive images.
 The loop over pairs is in Python because OpenCV is per image; cost is ~ms per pair.
+The targets carry no `cost` (no 3D distance without depth): `onehot_global` falls back to the
+first valid key view.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`noisy_depth`: the depth source fed with depth and poses corrupted the way estimators err.
+"""`noisy_depth`: the `depth` source fed with depth and poses corrupted the way estimators err.
 
 Answers "how good must the geometry be?": one `noise` level drives every perturbation (each can be
 overridden), and the occlusion tolerance grows with it (about 3 sigma, notes/data.md 2d), because
@@ -10,6 +10,8 @@ Perturbations, applied independently per view:
   * holes: random blobs covering about `holes` of the pixels become invalid depth;
   * pose noise: a rotation of `rot_deg` degrees (sigma, random axis) and a translation with sigma
     `trans` x the mean distance between the sample's cameras.
+The targets' `cost` is `depth`'s, measured on the corrupted geometry: what a run with estimated
+depth would rank key views by under `onehot_global`.
 """
 from __future__ import annotations
 

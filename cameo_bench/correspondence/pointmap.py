@@ -1,10 +1,13 @@
-"""`pointmap_nn`: the official CAMEO target (nearest token in 3D + cycle check).
+"""`pointmap_nn`: the official CAMEO target source (nearest token in 3D + cycle check).
 
 Released CAMEO code: world point maps are bilinearly resized to the token grid, the target of query
 q in key view j is argmin_k ||X_q - X_k||, and the pair is kept when the round trip
 q -> k* -> q' (nearest neighbour back in view i) lands within tau tokens of q. There is no
 occlusion test, so at large viewpoint changes many kept pairs are not co-visible (notes/data.md
 2a.7); the optional 3D gate (`gate`, in token footprints z s / f) removes most of them.
+The targets' `cost` is that nearest distance min_k ||X_q - X_k|| (world units, same distance
+matrix), before the cycle check and the gate: the released `onehot_global` target ranks key views
+by it whether or not their pair survives the check.
 """
 from __future__ import annotations
 
@@ -86,7 +89,8 @@ def pointmap_source(
 ) -> CorrespondenceTargets:
     """Nearest token in 3D over point maps resized to the grid, cycle check within tau tokens (CAMEO).
 
-    `cycle=False` keeps every query with a valid nearest neighbour (the "no cycle check" ablation).
+    `cost` is the distance to that nearest token (inf where the query token or the whole key
+    view has no valid point). `cycle=False` keeps every query with a valid nearest neighbour (the "no cycle check" ablation).
     `gate`: keep only pairs whose nearest 3D distance is below `gate` token footprints
     (z_q * stride / f_x of the query view); needs intrinsics and cam2world.
     """
@@ -126,4 +130,4 @@ def pointmap_source(
         valid = valid & (d_ij < gate * footprint)
 
     idx = nn_ij[..., None]  # [B, P, T, 1]
-    return assemble(idx, valid[..., None].float(), valid, grid, vi, vj)
+    return assemble(idx, valid[..., None].float(), valid, grid, vi, vj, cost=d_ij)

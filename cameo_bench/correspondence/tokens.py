@@ -1,4 +1,4 @@
-"""Pixel -> token pooling shared by the sources.
+"""Pixel-to-token helpers every source shares: pooling, and the per-pair -> [B, N, V, k] layout.
 
 Token (a, b) of a layer with pixel stride s covers pixels [a s, (a+1) s) x [b s, (b+1) s). A pixel
 position u (integer-centre convention, pixel x covers [x - 1/2, x + 1/2)) lies in token column
@@ -114,11 +114,14 @@ def assemble(
     grid: tuple[int, int, int],
     vi: torch.Tensor,
     vj: torch.Tensor,
+    cost: torch.Tensor | None = None,
 ) -> CorrespondenceTargets:
-    """Per-pair results idx/weight [B, P, h*w, k], valid [B, P, h*w] -> CorrespondenceTargets.
+    """Per-pair results idx/weight [B, P, h*w, k], valid [B, P, h*w] (and optionally the match
+    distance cost [B, P, h*w]) -> CorrespondenceTargets.
 
-    Own-view entries (j = i) stay invalid with idx 0 and weight 0; so do invalid pairs, whatever
-    the source left in them, so consumers may gather without masking first.
+    Own-view entries (j = i) stay invalid with idx 0 and weight 0 (cost inf); so do invalid
+    pairs, whatever the source left in them, so consumers may gather without masking first.
+    The cost is kept as given on invalid pairs: it may rank views the mask drops.
     """
     V, h, w = grid
     B, P, T, k = idx.shape
@@ -131,11 +134,17 @@ def assemble(
     out_idx[vi, vj] = rearrange(idx, "b p t k -> p b t k")
     out_w[vi, vj] = rearrange(weight, "b p t k -> p b t k")
     out_valid[vi, vj] = rearrange(valid, "b p t -> p b t")
+    out_cost = None
+    if cost is not None:
+        out_cost = cost.new_full((V, V, B, T), float("inf"))
+        out_cost[vi, vj] = rearrange(cost, "b p t -> p b t")
+        out_cost = rearrange(out_cost, "vi vj b t -> b (vi t) vj")
     return CorrespondenceTargets(
         idx=rearrange(out_idx, "vi vj b t k -> b (vi t) vj k"),
         weight=rearrange(out_w, "vi vj b t k -> b (vi t) vj k"),
         valid=rearrange(out_valid, "vi vj b t -> b (vi t) vj"),
         grid=(V, h, w),
+        cost=out_cost,
     )
 
 
@@ -144,10 +153,12 @@ def assemble_all_pairs(
     valid: torch.Tensor,
     grid: tuple[int, int, int],
     weight: torch.Tensor | None = None,
+    cost: torch.Tensor | None = None,
 ) -> CorrespondenceTargets:
     """Results for all V x V ordered pairs, query view on dim 1 and key view on dim 2 (what
     broadcasting cameras [B, V, 1] against [B, 1, V] gives): idx [B, V, V, h*w, k], valid
-    [B, V, V, h*w], weight like idx or None for one-hot (1 where valid) -> CorrespondenceTargets.
+    [B, V, V, h*w], weight like idx or None for one-hot (1 where valid), cost like valid or None
+    (set to inf on the own view) -> CorrespondenceTargets.
 
     Same result as `assemble` on the V (V - 1) pairs with i != j: own-view and invalid entries
     get idx 0 and weight 0. It skips the per-pair scatter, which costs more than the work it
@@ -161,11 +172,14 @@ def assemble_all_pairs(
     else:
         weight = torch.where(valid[..., None], weight, torch.zeros_like(weight))
     idx = idx * valid[..., None]  # integer: exact, and cheaper than `where`
+    if cost is not None:
+        cost = rearrange(cost.masked_fill(~off_diagonal, float("inf")), "b vi vj t -> b (vi t) vj")
     return CorrespondenceTargets(
         idx=rearrange(idx, "b vi vj t k -> b (vi t) vj k"),
         weight=rearrange(weight, "b vi vj t k -> b (vi t) vj k"),
         valid=rearrange(valid, "b vi vj t -> b (vi t) vj"),
         grid=(V, h, w),
+        cost=cost,
     )
 
 

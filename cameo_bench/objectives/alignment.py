@@ -1,15 +1,17 @@
-"""The CAMEO attention-alignment loss, computed from a tap without ever storing an N x N map.
+"""The CAMEO attention-alignment loss (`CameoLoss`): a tap and sparse targets -> one scalar.
 
-The loss supervises one layer's attention logits `q k^T * scale` with token correspondences. The
-paper's map at layer 10 (4 views x 32x32 tokens, 10 heads) is 168 M logits per sample, and the MLP
-head widens it 4x: materialising it is what made the official code need "VRAM issue" switches. Here
-queries are processed in chunks that each lie in one query view, and only the supervised key views
-are scored. Each chunk's logits -> head -> softmax -> loss is differentiated as soon as it is
-computed (`backward="fused"`, the default): its activations are freed before the next chunk and
-the backward pass only scales the stored gradients, so peak memory is O(chunk x N) with no
-recomputation. `backward="checkpoint"` does the same with `torch.utils.checkpoint` (recomputes each
-chunk in the backward); `"autograd"` keeps every chunk's graph (reference only, O(Qs x N)). All
-three equal the full-map computation (tests/test_cameo_loss.py).
+It supervises one layer's attention logits `q k^T * scale` with token correspondences without
+ever storing the N x N map: the paper's map at layer 10 (4 views x 32x32 tokens, 10 heads) is
+168 M logits per sample, and the MLP head widens it 4x; materialising it is what made the
+official code need "VRAM issue" switches. Here queries are processed in chunks that each lie in
+one query view, and only the supervised key views are scored. Each chunk's logits -> head ->
+softmax -> loss is differentiated as soon as it is computed (`backward="fused"`, the default): its
+activations are freed before the next chunk and the backward pass only scales the stored
+gradients, so peak memory is O(chunk x N) with no recomputation. `backward="checkpoint"` does the
+same with `torch.utils.checkpoint` (recomputes each chunk in the backward); `"autograd"` keeps
+every chunk's graph (reference only, O(Qs x N)). All three equal the full-map computation
+(tests/test_cameo_loss.py); with `onehot_global`, `mlp`, `pointmap_nn` targets and
+`log_eps=1e-8` the value is the released code's (tests/test_cameo_released.py).
 
 Definitions (one term per valid (query x, key view j) pair; `cameo_method.md`):
 - support of query view i: key views j != i, restricted to references when `key_views="references"`.
@@ -19,12 +21,19 @@ Definitions (one term per valid (query x, key view j) pair; `cameo_method.md`):
   one-hot only in the support view holding the nearest match, the other valid rows are all-zero
   but still counted in the mean; `soft` the target weights renormalised over k.
 - losses on a row (prediction a, target t): `ce` -sum t log a; `kl` sum t log(t/a); `l1` sum |a - t|.
+  `log_eps` 0 takes log a from the exact log-softmax; > 0 takes log(a + log_eps) on the softmax
+  probabilities instead, as the released code does with 1e-8 (kept to reproduce it: it caps a
+  row's loss at -log(log_eps) and fades the gradient of a target whose probability is below it).
 - the value is mean over reference-query terms + mean over target-query terms, unweighted
-  (the training step applies lambda, as in REPA).
+  (the training step applies lambda, as in REPA). Under DDP the means must run over the global
+  batch: `reduce_counts` (a hook, called once per training forward with the local term counts)
+  returns the global counts and the world size, and each group is scaled by world / global count
+  so that DDP's gradient average gives the global mean.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +54,9 @@ KEY_VIEWS = ("all_but_self", "references")
 QUERY_SAMPLING = ("all", "per_view")
 BACKWARD_MODES = ("fused", "checkpoint", "autograd")
 
+# (local term counts [2] float: reference queries, target queries) -> (global counts [2], world size)
+ReduceCounts = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
 
 def _check_choice(kind: str, value: str, valid: tuple[str, ...]) -> None:
     if value not in valid:
@@ -59,7 +71,7 @@ class _Group:
     pos: torch.Tensor  # [P] positions in the tap's query axis
     keys: list[int]  # supported key views
     group: int  # 0 reference queries, 1 target queries
-    factor: float  # 1 / number of terms in that query group
+    factor: float  # 1 / number of terms in that query group (world / global count under DDP)
     sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # idx, weight [b, P, Vk, k], pair_w [b, P, Vk]
     chunks: list[tuple[int, int]]  # [start, end) ranges over P holding at least one term
 
@@ -110,13 +122,23 @@ class _FusedChunks(torch.autograd.Function):
                 None if gq is None else gq * grad_total, None if gk is None else gk * grad_total, *param_grads)
 
 
+def _drop_dead_head_bias(state_dict, prefix, *args) -> None:
+    """Checkpoints written before the `mlp` head lost its last bias still load: that bias never
+    changed the loss (the softmax ignores a constant logit shift), so dropping it is exact."""
+    state_dict.pop(prefix + "head.2.bias", None)
+
+
 class CameoLoss(nn.Module):
     """Alignment loss with its learnable logit head (an `nn.Module` so the optimizer sees it).
 
     `queries_per_view=None` supervises every query token; an integer samples that many tokens per
     supervised query view, valid ones first (`select_queries`, called before the forward so the tap
     only gathers those rows). `chunk_size` is the number of query rows scored at once;
-    `backward` picks how memory is bounded (see the module docstring).
+    `backward` picks how memory is bounded, `log_eps` the log of the loss and `reduce_counts`
+    the DDP normalisation (see the module docstring).
+
+    The `mlp` head's last layer has no bias: the softmax over keys ignores a constant added to
+    every logit, so a bias would be a parameter whose gradient is exactly zero.
     """
 
     def __init__(
@@ -132,6 +154,8 @@ class CameoLoss(nn.Module):
         queries_per_view: int | None = None,
         chunk_size: int = 128,
         backward: str = "fused",
+        log_eps: float = 0.0,
+        reduce_counts: ReduceCounts | None = None,
     ):
         super().__init__()
         if query_sampling is None:
@@ -152,16 +176,20 @@ class CameoLoss(nn.Module):
             raise ValueError(f"queries_per_view must be >= 1, got {queries_per_view}")
         if num_heads < 1 or chunk_size < 1:
             raise ValueError(f"num_heads and chunk_size must be >= 1, got {num_heads}, {chunk_size}")
+        if not log_eps >= 0:  # also rejects NaN
+            raise ValueError(f"log_eps must be >= 0 (0 = exact log-softmax, 1e-8 = released code), got {log_eps}")
         self.num_heads, self.head_mode, self.normalization = num_heads, head, normalization
         self.target, self.loss, self.query_views, self.key_views = target, loss, query_views, key_views
         self.query_sampling, self.queries_per_view = query_sampling, queries_per_view
         self.chunk_size, self.backward_mode = chunk_size, backward
+        self.log_eps, self.reduce_counts = float(log_eps), reduce_counts
         if head == "linear":  # starts as the head mean, so switching heads changes nothing at step 0
             self.head_weight = nn.Parameter(torch.full((num_heads,), 1.0 / num_heads))
         elif head == "mlp":  # CAMEO's HeadMlp_Softmax: H -> 4H -> 1 per (query, key) pair
             self.head = nn.Sequential(
-                nn.Linear(num_heads, 4 * num_heads), nn.GELU(), nn.Linear(4 * num_heads, 1)
+                nn.Linear(num_heads, 4 * num_heads), nn.GELU(), nn.Linear(4 * num_heads, 1, bias=False)
             )
+            self._register_load_state_dict_pre_hook(_drop_dead_head_bias)
 
     # ---------------------------------------------------------------- which views are supervised
     def _query_view_ids(self, num_ref: int, num_views: int) -> list[int]:
@@ -248,6 +276,10 @@ class CameoLoss(nn.Module):
         is_ref = query_view < num_ref  # [B, Qs]
         counts = tuple((pair_w.sum(-1) * m).sum() for m in (is_ref, ~is_ref))  # ref, tgt terms
         count_list = [float(c) for c in counts]
+        factors = [1.0 / c if c else 0.0 for c in count_list]
+        if self.reduce_counts is not None and self.training:  # every rank, every forward: a collective
+            totals, world = self.reduce_counts(torch.stack([c.float() for c in counts]))
+            factors = [world / float(t) if t else 0.0 for t in totals.tolist()]
         per_query_pairs = pair_w.sum(-1).cpu()  # [B, Qs]
         groups = []
         for bsel, pos, view in self._groups(query_view):
@@ -262,7 +294,7 @@ class CameoLoss(nn.Module):
             ]
             if chunks:
                 sparse = tuple(t[bsel][:, pos][:, :, keys] for t in (tgt_idx, tgt_w, pair_w))
-                groups.append(_Group(bsel, pos, keys, group, 1.0 / count_list[group], sparse, chunks))
+                groups.append(_Group(bsel, pos, keys, group, factors[group], sparse, chunks))
         return groups, counts
 
     def _run(self, q, k, groups, scale, num_views, grads: _GradBuffers | None = None):
@@ -351,10 +383,11 @@ class CameoLoss(nn.Module):
 
         The released code takes the argmax of the 3D match cost over all supported key views
         jointly, valid or not. If the targets carry `cost [B, N, V]` (distance of the best match in
-        view j, lower is nearer) that rule is reproduced exactly; without it the first valid
-        supported view (references come first) stands in for the nearest one.
+        view j, lower is nearer; `pointmap_nn`, `depth`) that rule is reproduced exactly; without
+        it (`matches`, `epipolar`) the first valid supported view (references come first) stands
+        in for the nearest one.
         """
-        cost = getattr(targets, "cost", None)
+        cost = targets.cost
         if cost is not None:
             rows = torch.arange(query_idx.shape[0], device=query_idx.device)[:, None]
             cost = cost.to(query_idx.device, torch.float32)[rows, query_idx]  # [B, Qs, V]
@@ -401,7 +434,7 @@ class CameoLoss(nn.Module):
         x = logits.reshape(B, H, c * n)
         hidden = torch.baddbmm(lin1.bias.float()[None, :, None], lin1.weight.float().expand(B, -1, -1), x)
         hidden = F.gelu(hidden)  # [B, 4H, c*n]
-        out = torch.baddbmm(lin2.bias.float()[None, :, None], lin2.weight.float().expand(B, -1, -1), hidden)
+        out = torch.bmm(lin2.weight.float().expand(B, -1, -1), hidden)  # [B, 1, c*n]
         return out.view(B, 1, c, n)
 
     def _chunk(self, q, k, tgt_idx, tgt_w, pair_w, scale: float, factor: float):
@@ -420,13 +453,14 @@ class CameoLoss(nn.Module):
                 rearrange(logits, "b o c v n -> b o c (v n)").log_softmax(-1),
                 "b o c (v n) -> b o c v n", v=num_key_views,
             )
+        log_pred = logp if self.log_eps == 0 else (logp.exp() + self.log_eps).log()  # released: log(p + eps)
         hw = logits.shape[-1]
         target = torch.zeros(pair_w.shape + (hw,), device=q.device)  # [B, c, Vk, hw]
         target = target.scatter_add_(-1, tgt_idx, tgt_w)[:, None]  # [B, 1, c, Vk, hw]
         if self.loss == "ce":
-            term = -(target * logp).sum(-1)
+            term = -(target * log_pred).sum(-1)
         elif self.loss == "kl":
-            term = (torch.xlogy(target, target) - target * logp).sum(-1)
+            term = (torch.xlogy(target, target) - target * log_pred).sum(-1)
         else:
             prob = logp.exp()
             term = (prob - target).abs().sum(-1)  # [B, Ho, c, Vk]
