@@ -53,3 +53,21 @@ def test_bad_command_line_binding_is_named():
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(config.ConfigError, match="nope.gin"):
         config.parse([tmp_path / "nope.gin"])
+
+
+def test_a_spec_field_outside_its_values_is_a_config_error_naming_binding_and_valid_values():
+    with pytest.raises(config.ConfigError) as err:
+        config.parse([REPO / "gin/experiments/smoke.gin"], ["train.precision = 'bf61'"])
+    message = str(err.value)
+    assert "train.precision = 'bf61'" in message and all(v in message for v in ("'auto'", "'fp32'", "'bf16'"))
+    with pytest.raises(config.ConfigError, match=r"train.steps = -5 .*>= 0"):
+        config.parse([REPO / "gin/experiments/smoke.gin"], ["train.steps = -5"])
+
+
+def test_sweep_files_are_read_without_binding_anything(tmp_path):
+    path = tmp_path / "s.gin"
+    path.write_text("sweep.name = 's'\nsweep.base = ['gin/experiments/smoke.gin']\nsweep.axes = {'cameo.weight': [0.0]}\n")
+    config.parse([REPO / "gin/experiments/smoke.gin"], ["train.steps = 7"])
+    values = config.parse_sweep(path, ["sweep.workers = 3"])
+    assert values == {"name": "s", "base": ["gin/experiments/smoke.gin"], "axes": {"cameo.weight": [0.0]}, "workers": 3}
+    assert "train.steps = 7" in config.config_str()  # gin's state is untouched by reading a sweep file

@@ -105,6 +105,31 @@ def test_zero_terminal_snr_and_finite_v_loss_at_last_step():
     assert torch.isfinite(loss) and torch.isfinite(w.grad)
 
 
+def test_objective_is_built_from_the_one_diffusion_spec():
+    """`DiffusionSpec` is the only definition: gin builds it, the objective takes it or its fields."""
+    import dataclasses
+
+    from cameo_bench import config
+    from cameo_bench.config.spec import DiffusionSpec
+    from cameo_bench.objectives import diffusion as module
+
+    assert not hasattr(module, "DiffusionConfig")
+    spec = DiffusionSpec(snr_shift=4.0, rescale_zero_terminal_snr=True)
+    from_spec, from_values = MultiViewDiffusion(spec), MultiViewDiffusion(snr_shift=4.0, rescale_zero_terminal_snr=True)
+    assert from_spec.config is spec and from_values.config == spec
+    assert torch.equal(from_spec.betas, from_values.betas)
+    np.testing.assert_allclose(from_spec.alphas_cumprod.double().numpy(),
+                               naive_alphas_cumprod("scaled_linear", 4.0, zero_terminal=True), rtol=2e-4, atol=1e-7)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.snr_shift = 2.0  # the betas were derived from it once
+    with pytest.raises(TypeError, match="not both"):
+        MultiViewDiffusion(spec, snr_shift=2.0)
+    with pytest.raises(TypeError, match="DiffusionSpec"):
+        MultiViewDiffusion({"snr_shift": 2.0})
+    exp = config.parse(["gin/experiments/smoke.gin"], ["diffusion.snr_shift = 4.0"])
+    assert isinstance(exp.diffusion, DiffusionSpec) and MultiViewDiffusion(exp.diffusion).config.snr_shift == 4.0
+
+
 def test_epsilon_with_zero_terminal_snr_is_refused():
     with pytest.raises(ValueError, match="v_prediction"):
         MultiViewDiffusion(prediction_type="epsilon", rescale_zero_terminal_snr=True)

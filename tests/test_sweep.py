@@ -93,6 +93,25 @@ def test_a_lambda_zero_base_makes_every_layer_point_one_baseline():
     assert as_set(trials) == {point(True, run_experiment__seed=s, cameo__weight="0.0") for s in ("0", "1")}
 
 
+@pytest.mark.parametrize("weight, source", [(0.0, "depth"), (0, "none"), (0.3, "none"), (0.3, "depth")])
+def test_grid_and_spec_share_the_baseline_rule(weight, source):
+    from cameo_bench.config.spec import CameoSpec
+
+    [trial] = sweep.expand(make_spec({"cameo.weight": [weight], "cameo.source": [source]}), {})
+    assert trial.baseline is (not CameoSpec(weight=weight, source=source).enabled)
+
+
+def test_planning_a_sweep_loads_neither_torch_nor_mlflow():
+    """grid, results and runner import the executors and tracking only when a sweep runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cameo_bench.sweep.grid, cameo_bench.sweep.results, cameo_bench.sweep.runner; "
+            "print(sorted(m for m in ('torch', 'mlflow', 'cameo_bench.sweep.executors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "[]", out
+
+
 def test_trial_ids_hash_the_sorted_bindings_and_ignore_axis_order():
     a = sweep.expand(make_spec({"cameo.weight": [0.0, 0.5], "run_experiment.seed": [0]}, ["train.steps = 3"]), {})
     b = sweep.expand(make_spec({"run_experiment.seed": [0], "cameo.weight": [0.5, 0.0]}, ["train.steps=3"]), {})

@@ -1,4 +1,4 @@
-"""`cameo-bench sweep SWEEP.gin [--dry-run] [--executor local|slurm] [--workers N]`.
+"""The `cameo-bench sweep SWEEP.gin [--dry-run] [--executor local|slurm] [--workers N]` command.
 
 Exit codes: 0 all trials finished (or were already), 1 some trials failed (listed at the end),
 2 the sweep file is invalid.

@@ -1,6 +1,6 @@
-"""Configuration: the experiment spec dataclasses (`spec`), the gin root (`gin_root`, the only gin importer)
-and sweep files. `config.parse(...)` etc. resolve lazily, so the engine can import `config.spec`
-without loading gin.
+"""Configuration: the experiment spec dataclasses (`spec`), the gin root (`gin_root`, the only gin
+importer) and sweep files (`sweep_file`). `config.parse(...)` etc. resolve lazily, so the engine can
+import `config.spec` without loading gin.
 """
 from __future__ import annotations
 
@@ -12,11 +12,14 @@ _EXPORTS = {
     'ConfigError': 'gin_root',
     'operative_config': 'gin_root',
     'config_str': 'gin_root',
-    'parse_sweep': 'gin_root',
     'run_experiment': 'gin_root',
     'SECTIONS': 'gin_root',
-    'SWEEP_PARAMS': 'gin_root',
-    'SWEEP_REQUIRED': 'gin_root',
+    'parse_sweep': 'sweep_file',
+    'SWEEP_PARAMS': 'sweep_file',
+    'SWEEP_REQUIRED': 'sweep_file',
+    'Experiment': 'spec',
+    'SpecError': 'spec',
+    'is_baseline': 'spec',
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,9 +1,10 @@
-"""The only module that talks to gin.
+"""The gin root: turns gin files and bindings into an `Experiment`; the only module that imports gin.
 
 Gin binds the fields of the plain dataclasses in `cameo_bench.config.spec` under short scope names
 (`backbone.name`, `cameo.weight`, `train.steps`, ...) and one root, `run_experiment`. The engine
 receives an `Experiment` of plain values and never imports gin, so it can be driven from Python,
-a sweep, or a test without a config file.
+a sweep, or a test without a config file. Every error, a gin one or a spec field outside its valid
+values, comes back as a `ConfigError` naming the file or command-line binding it came from.
 """
 from __future__ import annotations
 
@@ -11,20 +12,15 @@ import dataclasses
 import difflib
 import pathlib
 import re
+from typing import Any
 
 import gin
+from gin import config_parser
 
 from cameo_bench.config import spec
-SECTIONS = {
-    "backbone": spec.BackboneSpec,
-    "data": spec.DataSpec,
-    "diffusion": spec.DiffusionSpec,
-    "cameo": spec.CameoSpec,
-    "optim": spec.OptimSpec,
-    "train": spec.TrainSpec,
-    "eval": spec.EvalSpec,
-    "tracking": spec.TrackingSpec,
-}
+
+SECTIONS = {cls.SECTION: cls for cls in spec.SECTIONS}
+REPO = pathlib.Path(__file__).resolve().parents[2]  # where `include 'gin/...'` paths are found
 
 _CONFIGURABLES = {
     name: gin.external_configurable(cls, name=name, module="cameo_bench") for name, cls in SECTIONS.items()
@@ -67,31 +63,101 @@ def _explain(err: Exception, where: str) -> ConfigError:
     return ConfigError(f"{where}: {message}{hint}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Statement:
+    """One statement of gin text as plain values (gin's parser objects stay in this module)."""
+
+    kind: str  # "binding", "include" or "import"
+    selector: str | None  # `train` in `train.steps = 3`; None unless a binding
+    param: str | None  # `steps`
+    scoped: bool  # `scope/train.steps = 3`
+    value: Any  # the bound literal, or the included file name
+    line: int | str  # line number, "?" when gin does not know it
+    text: str  # the line as written
+
+
+def statements(text: str, where: str) -> list[Statement]:
+    """Read gin text statement by statement without registering or binding anything (unknown
+    configurables and macros are kept as gin's placeholder objects)."""
+    try:
+        parsed = list(config_parser.ConfigParser(text, gin.config.ParserDelegate(skip_unknown=True)))
+    except (SyntaxError, ValueError) as err:
+        raise ConfigError(f"in {where}: {err}") from None
+    out = []
+    for st in parsed:
+        location = getattr(st, "location", None)
+        line, content = getattr(location, "line_num", "?"), (getattr(location, "line_content", "") or "").strip()
+        if isinstance(st, config_parser.BindingStatement):
+            out.append(Statement("binding", st.selector, st.arg_name, bool(st.scope), st.value, line, content))
+        elif isinstance(st, config_parser.IncludeStatement):
+            out.append(Statement("include", None, None, False, st.filename, line, content))
+        else:
+            out.append(Statement("import", None, None, False, None, line, content))
+    return out
+
+
+def _find_file(path: str | pathlib.Path) -> pathlib.Path:
+    path = pathlib.Path(path)
+    return REPO / path if not path.exists() and (REPO / path).exists() else path
+
+
+def _where_bound(binding: str, gin_files: list, bindings: list[str]) -> str | None:
+    """Where the last value of `binding` (`train.steps`) was set: a command-line binding, else a
+    line of a gin file (includes followed), in gin's order of precedence."""
+    selector, _, param = binding.partition(".")
+
+    def binds(st: Statement) -> bool:
+        return st.kind == "binding" and not st.scoped and (st.selector, st.param) == (selector, param)
+
+    for text in reversed(bindings):
+        if any(binds(st) for st in statements(text, "--gin_param")):
+            return f"in --gin_param {text!r}"
+
+    def last_in(path: pathlib.Path, depth: int = 0) -> str | None:
+        found = None
+        if depth > 8 or not path.exists():
+            return None
+        for st in statements(path.read_text(), f"gin file {path}"):
+            if st.kind == "include":
+                found = last_in(_find_file(st.value), depth + 1) or found
+            elif binds(st):
+                found = f"in gin file {path}, line {st.line}"
+        return found
+
+    for path in reversed(gin_files):
+        found = last_in(_find_file(path))
+        if found:
+            return found
+    return None
+
+
 def parse(gin_files: list[str | pathlib.Path], bindings: list[str] | None = None) -> spec.Experiment:
     """Parse gin files and bindings (later ones win) into an `Experiment`.
 
     Files are parsed one at a time so that an error always names the file it came from.
     """
     gin.clear_config()
-    search_root = pathlib.Path(__file__).resolve().parents[2]
-    gin.add_config_file_search_path(str(search_root))
+    gin.add_config_file_search_path(str(REPO))
+    bindings = list(bindings or [])
     for path in gin_files:
-        path = pathlib.Path(path)
-        if not path.exists() and (search_root / path).exists():
-            path = search_root / path
+        path = _find_file(path)
         if not path.exists():
             raise ConfigError(f"gin file not found: {path}")
         try:
             gin.parse_config_file(str(path))
         except (ValueError, SyntaxError, TypeError, KeyError) as err:
             raise _explain(err, f"in gin file {path}") from None
-    for binding in bindings or []:
+    for binding in bindings:
         try:
             gin.parse_config(binding)
         except (ValueError, SyntaxError) as err:
             raise _explain(err, f"in --gin_param {binding!r}") from None
     try:
         return run_experiment()
+    except spec.SpecError as err:
+        found = (_where_bound(b, list(gin_files), bindings) for b in err.bindings)
+        where = next((w for w in found if w), "while building the experiment")
+        raise ConfigError(f"{where}: {err.detail}") from None
     except (ValueError, TypeError) as err:
         raise _explain(err, "while building the experiment") from None
 
@@ -103,67 +169,3 @@ def operative_config() -> str:
 
 def config_str() -> str:
     return gin.config_str()
-
-
-# --- sweep files (sweep.*) ---
-# A sweep file is gin syntax holding bindings of one name only, `sweep` (the meaning of each
-# parameter is documented in cameo_bench.sweep). It is read with gin's own parser but nothing is
-# registered or bound: the values come back as plain literals, gin's global state is untouched, and
-# passing a sweep file to `cameo-bench train` fails loudly ("No configurable matching 'sweep'").
-
-SWEEP_PARAMS = ("name", "base", "axes", "fixed", "experiment", "output_dir", "executor", "workers",
-                "slurm", "local_gpus")
-SWEEP_REQUIRED = ("name", "base", "axes")
-
-
-def _check_literal(value, where: str) -> None:
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            _check_literal(item, where)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_literal(key, where)
-            _check_literal(item, where)
-    elif value is not None and not isinstance(value, (str, int, float, bool)):
-        raise ConfigError(f"{where}: sweep values must be plain literals (numbers, strings, lists, dicts); "
-                          f"references and macros are not supported, got {value!r}")
-
-
-def parse_sweep(path: str | pathlib.Path, bindings: list[str] | None = None) -> dict:
-    """Read a sweep file (plus `sweep.*` override bindings) into `{param: literal}`.
-
-    Anything but a `sweep.<param> = <literal>` statement is an error naming file and line, so an
-    experiment binding put there by mistake is never silently ignored.
-    """
-    from gin import config_parser
-
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise ConfigError(f"sweep file not found: {path}")
-    values: dict = {}
-    texts = [(f"sweep file {path}", path.read_text())]
-    texts += [(f"--gin_param {binding!r}", binding) for binding in bindings or []]
-    for where, text in texts:
-        try:
-            statements = list(config_parser.ConfigParser(text, gin.config.ParserDelegate(skip_unknown=True)))
-        except (SyntaxError, ValueError) as err:
-            raise ConfigError(f"in {where}: {err}") from None
-        for statement in statements:
-            location = getattr(statement, "location", None)
-            at = f"{where}, line {getattr(location, 'line_num', '?')}"
-            is_sweep = (isinstance(statement, config_parser.BindingStatement) and not statement.scope
-                        and statement.selector == "sweep")
-            if not is_sweep:
-                line = (getattr(location, "line_content", "") or "").strip()
-                raise ConfigError(f"{at}: a sweep file holds only `sweep.<param> = <value>` bindings, got {line!r}. "
-                                  f"Experiment bindings go into sweep.fixed or the base gin files.")
-            if statement.arg_name not in SWEEP_PARAMS:
-                close = difflib.get_close_matches(statement.arg_name, SWEEP_PARAMS, n=2)
-                raise ConfigError(f"{at}: unknown sweep parameter {statement.arg_name!r}; valid: {list(SWEEP_PARAMS)}"
-                                  + (f". Did you mean {close}?" if close else ""))
-            _check_literal(statement.value, at)
-            values[statement.arg_name] = statement.value
-    missing = [name for name in SWEEP_REQUIRED if name not in values]
-    if missing:
-        raise ConfigError(f"sweep file {path} does not set {['sweep.' + m for m in missing]}")
-    return values

@@ -1,4 +1,4 @@
-"""Multi-view diffusion objective and DDIM sampler, on diffusers schedulers.
+"""The multi-view diffusion objective and DDIM sampler (with the pixel codec), on diffusers schedulers.
 
 One object owns the noise schedule so that training and sampling can never disagree on it: the
 betas (scaled-linear or cosine, optional SNR shift, optional zero-terminal-SNR rescale) are built
@@ -20,15 +20,14 @@ The model knows nothing about this module: it is called as
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 
-PREDICTION_TYPES = ("v_prediction", "epsilon")
-BETA_SCHEDULES = ("scaled_linear", "squaredcos_cap_v2")
+from cameo_bench.config.spec import DiffusionSpec
+
 # Stable Diffusion's scaled-linear range (CAMEO initialises from SD-2.1 and keeps its schedule);
 # ignored by the cosine schedule, which is defined by alpha_bar alone.
 SD_BETA_START, SD_BETA_END = 0.00085, 0.012
@@ -52,51 +51,18 @@ class PixelCodec:
         return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
 
 
-@dataclass(frozen=True)
-class DiffusionConfig:
-    """Plain values (the fields of `cameo_bench.spec.DiffusionSpec`).
-
-    `snr_shift` divides the SNR at every timestep (CAMEO: 4; CAT3D shifts log-SNR by log #targets);
-    the shift is applied before the zero-terminal rescale, as in CAMEO's scheduler.
-    """
-
-    prediction_type: str = "v_prediction"
-    beta_schedule: str = "scaled_linear"
-    num_train_timesteps: int = 1000
-    snr_shift: float = 1.0
-    rescale_zero_terminal_snr: bool = False
-    camera_dropout: float = 0.1
-
-    def __post_init__(self) -> None:
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(f"prediction_type={self.prediction_type!r}; valid: {PREDICTION_TYPES}")
-        if self.beta_schedule not in BETA_SCHEDULES:
-            raise ValueError(f"beta_schedule={self.beta_schedule!r}; valid: {BETA_SCHEDULES} "
-                             "(squaredcos_cap_v2 is the cosine schedule)")
-        if self.num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be >= 2, got {self.num_train_timesteps}")
-        if not self.snr_shift > 0:
-            raise ValueError(f"snr_shift must be > 0 (1 = no shift), got {self.snr_shift}")
-        if not 0.0 <= self.camera_dropout <= 1.0:
-            raise ValueError(f"camera_dropout must be in [0, 1], got {self.camera_dropout}")
-        if self.rescale_zero_terminal_snr and self.prediction_type == "epsilon":
-            # At SNR = 0, x_t is pure noise: eps is trivially x_t and x0 = (x_t - eps) / 0.
-            raise ValueError("rescale_zero_terminal_snr=True needs prediction_type='v_prediction': "
-                             "with 'epsilon' the sampler divides by sqrt(alpha_bar_T) = 0")
-
-
-def make_betas(config: DiffusionConfig) -> torch.Tensor:
+def make_betas(spec: DiffusionSpec) -> torch.Tensor:
     """The betas [T] (float64) that both schedulers receive as `trained_betas`."""
-    base = DDPMScheduler(num_train_timesteps=config.num_train_timesteps, beta_start=SD_BETA_START,
-                         beta_end=SD_BETA_END, beta_schedule=config.beta_schedule).betas.double()
+    base = DDPMScheduler(num_train_timesteps=spec.num_train_timesteps, beta_start=SD_BETA_START,
+                         beta_end=SD_BETA_END, beta_schedule=spec.beta_schedule).betas.double()
     alphas_cumprod = torch.cumprod(1.0 - base, dim=0)  # [T]
-    if config.snr_shift != 1.0:
+    if spec.snr_shift != 1.0:
         # SNR = a / (1 - a); a' = a / (a + s (1 - a)) gives SNR' = SNR / s exactly.
         a = alphas_cumprod
-        alphas_cumprod = a / (a + config.snr_shift * (1.0 - a))
+        alphas_cumprod = a / (a + spec.snr_shift * (1.0 - a))
     prev = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod[:-1]])  # [T]
     betas = 1.0 - alphas_cumprod / prev
-    if config.rescale_zero_terminal_snr:
+    if spec.rescale_zero_terminal_snr:
         betas = rescale_zero_terminal_snr(betas)
     return betas
 
@@ -173,15 +139,19 @@ class _DDIMScheduler(DDIMScheduler):
 class MultiViewDiffusion:
     """Training objective and sampler for a multi-view backbone.
 
-    Build with plain values (`MultiViewDiffusion(**dataclasses.asdict(spec))`) or a `DiffusionConfig`.
+    Build from a `DiffusionSpec` (`MultiViewDiffusion(exp.diffusion)`) or from its fields as keyword
+    values (`MultiViewDiffusion(snr_shift=4.0)`), which are validated by the spec either way; the
+    spec is kept as `config`.
     `codec` maps images to the diffused space (default: pixels in [-1, 1]); a batch that carries
     `latent [B, V, C, h, w]` is diffused as is, and `codec.decode` turns samples back into images.
     """
 
-    def __init__(self, config: DiffusionConfig | None = None, *, codec: Codec | None = None, **kwargs: Any):
-        if config is not None and kwargs:
-            raise TypeError(f"pass either a DiffusionConfig or keyword values, not both (got {sorted(kwargs)})")
-        self.config = config if config is not None else DiffusionConfig(**kwargs)
+    def __init__(self, spec: DiffusionSpec | None = None, *, codec: Codec | None = None, **kwargs: Any):
+        if spec is not None and kwargs:
+            raise TypeError(f"pass either a DiffusionSpec or keyword values, not both (got {sorted(kwargs)})")
+        if spec is not None and not isinstance(spec, DiffusionSpec):
+            raise TypeError(f"spec must be a DiffusionSpec, got {type(spec).__name__}")
+        self.config = spec if spec is not None else DiffusionSpec(**kwargs)  # diffusers' name for frozen settings
         self.codec = codec if codec is not None else PixelCodec()
         self.betas = make_betas(self.config)  # [T] float64
         self.scheduler = DDPMScheduler(**self._scheduler_kwargs())

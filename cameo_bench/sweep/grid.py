@@ -1,6 +1,8 @@
-"""Sweeps: a grid of trials from one sweep file, run on a local process pool or on Slurm.
+"""The grid of a sweep: its spec, the expansion into trials with baselines collapsed, the plan, the dry run.
 
-A sweep file is gin syntax with `sweep.*` bindings only (read by `config.parse_sweep`):
+Nothing here trains or tracks (that is `sweep.runner` on `sweep.executors`), so a sweep can be
+listed and checked without torch or MLflow. A sweep file is gin syntax with `sweep.*` bindings only
+(read by `config.parse_sweep`):
 
     sweep.name = 'lambda'                                  # MLflow experiment and run-folder name
     sweep.base = ['gin/experiments/quickstart.gin']        # the experiment every trial starts from
@@ -21,7 +23,7 @@ A sweep file is gin syntax with `sweep.*` bindings only (read by `config.parse_s
     sweep.experiment = None       # MLflow experiment, default sweep.name
 
 Expansion is the cartesian product of the axes. A point with lambda = 0 or source 'none' trains
-no CAMEO at all, so every such point is collapsed into one baseline per combination of the other
+no CAMEO at all (`config.spec.is_baseline`), so every such point is collapsed into one baseline per combination of the other
 (non-`cameo.*`) axes: its `cameo.*` axis values are dropped and `cameo.weight = 0.0` is bound. A
 trial's id hashes its sorted bindings (fixed + axes), so it stays the same across restarts and
 machines; restarting a sweep skips the trials whose MLflow run FINISHED and resumes the others
@@ -39,6 +41,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cameo_bench import config
+from cameo_bench.config.spec import is_baseline
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 EXECUTORS = ("local", "slurm")
 _BINDING_KEY = re.compile(r"^[A-Za-z_][\w]*\.[A-Za-z_]\w*$")
@@ -143,9 +147,10 @@ def trial_id(bindings: dict[str, str]) -> str:
 
 
 def _is_baseline(values: dict[str, Any], base_cameo: dict[str, Any]) -> bool:
+    """The baseline rule on a grid point: its axis values, else what the base config gives."""
     weight = values.get("cameo.weight", base_cameo.get("weight", 1.0))
     source = values.get("cameo.source", base_cameo.get("source", "depth"))
-    return weight == 0 or source == "none"
+    return is_baseline(weight, source)
 
 
 def expand(spec: SweepSpec, base_cameo: dict[str, Any] | None = None) -> list[Trial]:
@@ -253,5 +258,3 @@ def describe(p: Plan) -> str:
     baselines = sum(t.baseline for t in p.trials)
     lines.append(f"{len(p.trials)} trials ({baselines} baseline, {len(p.trials) - baselines} CAMEO)")
     return "\n".join(lines)
-
-

@@ -1,4 +1,8 @@
-"""Runs a sweep's plan: parent MLflow run, the unfinished trials on an executor, the failure listing."""
+"""Runs a sweep's plan: the parent MLflow run, the unfinished trials on an executor, the failure listing.
+
+The executors and the MLflow store are imported only when a sweep runs, so planning and a dry run
+load neither torch nor mlflow.
+"""
 from __future__ import annotations
 
 import json
@@ -8,6 +12,7 @@ from typing import Any
 
 from cameo_bench.sweep.grid import Plan, Trial
 from cameo_bench.sweep.results import TrialResult
+from cameo_bench.tracking import keys
 
 
 def payload(p: Plan, trial: Trial, parent_run_id: str | None, uri: str) -> dict[str, Any]:
@@ -24,24 +29,24 @@ def payload(p: Plan, trial: Trial, parent_run_id: str | None, uri: str) -> dict[
 def run(p: Plan, *, executor: str | None = None, workers: int | None = None, uri: str | None = None,
         slurm: dict[str, Any] | None = None, echo=print) -> list[TrialResult]:
     """Run every unfinished trial; return one result per trial (finished ones as SKIPPED)."""
-    from cameo_bench.sweep import executors as sweep_executors
     from cameo_bench import tracking
+    from cameo_bench.sweep import executors as sweep_executors
     spec = p.spec
     executor = executor or spec.executor
     workers = spec.workers if workers is None else workers
     uri = tracking.ensure_store(uri)  # created once, here, before any worker touches it
     tracking.get_or_create_experiment(spec.experiment_name, uri)
     parent = tracking.start_parent_run(spec.experiment_name, f"sweep:{spec.name}",
-                                       {"sweep.name": spec.name, "sweep.role": "parent"}, uri)
+                                       {keys.SWEEP_NAME: spec.name, keys.SWEEP_ROLE: "parent"}, uri)
     tracking.clear_error(parent, uri)  # a restarted sweep is judged afresh
     tracking.log_run_text(parent, pathlib.Path(spec.path).read_text() if pathlib.Path(spec.path).exists() else "",
-                          "sweep/sweep.gin", uri)
+                          keys.ARTIFACT_SWEEP_FILE, uri)
     tracking.log_run_text(parent, json.dumps([{"id": t.id, "label": t.label, "baseline": t.baseline,
                                                "bindings": t.binding_strings()} for t in p.trials], indent=1),
-                          "sweep/trials.json", uri)
+                          keys.ARTIFACT_SWEEP_TRIALS, uri)
 
-    finished = {r["tags"].get("sweep.trial") for r in tracking.find_runs(
-        spec.experiment_name, {"sweep.name": spec.name}, uri) if r["status"] == "FINISHED"}
+    finished = {r["tags"].get(keys.SWEEP_TRIAL) for r in tracking.find_runs(
+        spec.experiment_name, {keys.SWEEP_NAME: spec.name}, uri) if r["status"] == "FINISHED"}
     todo = [t for t in p.trials if t.id not in finished]
     results = {t.id: TrialResult(t.id, "SKIPPED") for t in p.trials if t.id in finished}
     echo(f"sweep {spec.name!r}: {len(p.trials)} trials, {len(results)} already finished, {len(todo)} to run "
@@ -79,6 +84,7 @@ def run(p: Plan, *, executor: str | None = None, workers: int | None = None, uri
 
 
 def failure_report(p: Plan, results: list[TrialResult]) -> str:
+    """The failed trials with their errors and where to find them; empty when none failed."""
     labels = {t.id: t.label for t in p.trials}
     failed = [r for r in results if r.status not in ("FINISHED", "SKIPPED")]
     if not failed:
