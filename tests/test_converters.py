@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from cameo_bench.__main__ import main
-from cameo_bench.data.scene_folder import SceneFolderError, read_dataset_index, read_scene, scene_dir
+from cameo_bench.data.scene_format import SceneFolderError, read_dataset_index, read_scene, scene_dir
 
 H, W = 24, 32  # non-square, so x/y and width/height mix-ups show
 POINTS = np.array([[0.3, -0.2, 0.4], [-0.5, 0.6, 0.1], [0.1, 0.1, -0.3]])  # world points seen by every camera

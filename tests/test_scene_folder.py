@@ -14,13 +14,8 @@ import pytest
 import torch
 
 from cameo_bench.__main__ import main
-from cameo_bench.data.scene_folder import (
-    DatasetWriter,
-    SceneFolderDataset,
-    SceneFolderError,
-    read_scene,
-    write_scene,
-)
+from cameo_bench.data.scene_dataset import SceneFolderDataset
+from cameo_bench.data.scene_format import DatasetWriter, SceneFolderError, read_scene, write_scene
 
 
 def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> np.ndarray:
@@ -252,6 +247,22 @@ def test_view_change_filter(orbit_dataset):
                                     max_view_change_deg=(100.0, 120.0))
     with pytest.raises(SceneFolderError, match=r"within \(100\.0, 120\.0\) deg"):
         impossible[0]
+
+
+def test_view_change_filter_is_exact_at_tiny_angles(tmp_path):
+    # two orbit frames 1e-4 deg apart: the relative rotation is exactly the azimuth step. The
+    # acos((trace - 1) / 2) form is off by ~5e-5 relative here (float64 round-off near cos = 1), so
+    # a window of +-1e-6 relative around the true angle tells the precise form from it.
+    step = 1e-4
+    c2w = orbit(2, step)
+    root = make_dataset(tmp_path / "ds", {"tiny": dict(images=index_images(2), K=np.stack([simple_K(8, 8)] * 2),
+                                                       c2w=c2w)})
+    window = (step * (1 - 1e-6), step * (1 + 1e-6))
+    R = c2w[:, :3, :3]
+    acos_form = np.degrees(np.arccos(np.clip((np.trace(R[0].T @ R[1]) - 1) / 2, -1, 1)))
+    assert not window[0] <= acos_form <= window[1]  # the case the acos form gets wrong
+    ds = SceneFolderDataset(root, num_views=2, max_view_change_deg=window, max_tries=3)
+    assert decode_frames(ds[0]) in ([0, 1], [1, 0])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def write_synthetic(out: Path, num_scenes: int, num_views: int, image_size: int,
                     seed: int, *, test_scenes: int = 0, point_maps: bool = False,
                     overwrite: bool = False, render_batch: int = 16) -> dict[str, list[str]]:
     """Materialise `SyntheticScenes` so that the scene-folder code path is exercised by the same scenes."""
-    from cameo_bench.data.scene_folder import DatasetWriter
+    from cameo_bench.data.scene_format import DatasetWriter
     from cameo_bench.data.synthetic import SyntheticScenes
 
     if not 0 <= test_scenes <= num_scenes:

@@ -1,4 +1,4 @@
-"""The batch format every loader produces and everything downstream reads.
+"""The batch format every loader produces and everything downstream reads: its checks, collation, device moves.
 
 A batch is a plain dict of tensors (see design.md, Conventions):
 

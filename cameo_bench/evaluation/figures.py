@@ -1,14 +1,13 @@
-"""Figures logged at evaluation: generated next to ground-truth views, and where the supervised
-layer looks for a query point.
+"""Figures drawn at evaluation: generated views beside the ground truth, and where a layer's attention looks.
 
 The drawing functions take plain tensors and return matplotlib `Figure`s built without pyplot
 (no global state, no display: the Agg canvas), so they are tested without a model and are safe in
-worker processes. `eval_figures` is the one function that runs a model: the trainer calls it at
-evaluation and hands the files to its trackers.
+worker processes. `eval_figures` is the one function that runs a model: the engine calls it at
+evaluation and hands the files to its trackers. The attention drawn is `attention.key_view_attention`,
+the same quantity the attention metrics score.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import pathlib
 from typing import Sequence
@@ -17,6 +16,9 @@ import torch
 from einops import rearrange
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from cameo_bench.evaluation.attention import key_view_attention, layer_tap, real_cameras, token_ground_truth
+from cameo_bench.tracking import keys
 
 PANEL_INCHES = 1.6
 GT_COLOR = (0.0, 1.0, 0.0)  # lime: absent from the heat colour map, so it stays findable
@@ -82,20 +84,6 @@ def sample_grid(generated: torch.Tensor, ground_truth: torch.Tensor, *, num_ref:
     return fig
 
 
-def key_view_attention(q: torch.Tensor, k: torch.Tensor, scale: float, grid: tuple[int, int, int]) -> torch.Tensor:
-    """Attention of each query over each key view: head-mean logits, softmax over the keys of
-    each view separately (the quantity CAMEO's per-view loss and the PCK metric use).
-
-    q [H, Q, d], k [H, N, d] with N = V*h*w (view-major) -> [Q, V, h, w], each [q, v] sums to 1.
-    """
-    V, h, w = grid
-    if k.shape[1] != V * h * w:
-        raise ValueError(f"k has {k.shape[1]} tokens, grid {grid} needs {V * h * w}")
-    logits = torch.einsum("hqd,hnd->qn", q.float(), k.float()) * scale / q.shape[0]  # [Q, N]
-    logits = rearrange(logits, "q (v n) -> q v n", v=V)
-    return rearrange(logits.softmax(-1), "q v (y x) -> q v y x", y=h, x=w)
-
-
 def attention_figure(images: torch.Tensor, query_view: int, query_xy: Sequence[float], attention: torch.Tensor,
                      *, gt_xy: torch.Tensor | None = None, title: str = "") -> Figure:
     """The query point in its view, then the attention over every other view with the true location.
@@ -111,13 +99,13 @@ def attention_figure(images: torch.Tensor, query_view: int, query_xy: Sequence[f
         raise ValueError(f"attention must be [V={V}, h, w], got {tuple(attention.shape)}")
     if gt_xy is not None and tuple(gt_xy.shape) != (V, 2):
         raise ValueError(f"gt_xy must be [V={V}, 2] pixel coordinates, got {tuple(gt_xy.shape)}")
-    keys = [v for v in range(V) if v != query_view]
-    fig, axes = _new_figure(1, len(keys) + 1)
+    key_views = [v for v in range(V) if v != query_view]
+    fig, axes = _new_figure(1, len(key_views) + 1)
     ax = axes[0][0]
     _show(ax, images[query_view])
     ax.plot([query_xy[0]], [query_xy[1]], marker="x", color=QUERY_COLOR, markersize=9, markeredgewidth=2)
     ax.set_title(f"query (view {query_view})", fontsize=8)
-    for ax, v in zip(axes[0][1:], keys):
+    for ax, v in zip(axes[0][1:], key_views):
         _show(ax, images[v])
         # the token grid stretched over the image: token (ty, tx) covers its stride x stride pixels
         ax.imshow(attention[v].detach().float().cpu().numpy(), cmap=HEAT_CMAP, alpha=0.6,
@@ -154,9 +142,6 @@ def eval_figures(model, diffusion, batch: dict, folder: str | pathlib.Path, *, l
     """`samples.png` (generated vs ground truth of the first scenes of `batch`) and, when `layer`
     is given, `attention.png` (one query of the first target view at noise level `timestep`,
     with its true location from depth when the batch has depth). Returns the files written."""
-    from backbones import TapRequest
-    from cameo_bench.evaluation.evaluate import token_ground_truth
-
     folder = pathlib.Path(folder)
     was_training = model.training
     model.eval()
@@ -166,27 +151,23 @@ def eval_figures(model, diffusion, batch: dict, folder: str | pathlib.Path, *, l
         generated = diffusion.sample(model, batch, num_steps=sampler_steps, guidance_scale=guidance_scale,
                                      generator=torch.Generator().manual_seed(seed * 1_000_003))
         fig = sample_grid(generated, batch["image"], num_ref=num_ref, max_scenes=max_scenes)
-        paths = [save_figure(fig, folder / "samples.png")]
+        paths = [save_figure(fig, folder / keys.SAMPLES_FIGURE)]
         if layer is None:
             return paths
 
         spec = model.get_attention_layer(layer)
-        B, V, _, H, W = batch["image"].shape
+        _, V, _, H, W = batch["image"].shape
         grid = (V, H // spec.stride, W // spec.stride)
         _, h, w = grid
         # measured with the real cameras, as the attention metrics are
-        plain = type(diffusion)(dataclasses.replace(diffusion.config, camera_dropout=0.0), codec=diffusion.codec)
-        t = torch.full((B,), timestep, dtype=torch.long)
-        _, aux = plain.training_loss(model, batch, t=t, generator=torch.Generator().manual_seed(seed),
-                                     tap=TapRequest(layer))
-        tap = aux["tap"]
+        tap = layer_tap(model, real_cameras(diffusion), batch, layer, timestep=timestep, seed=seed)
         query_view = num_ref if num_ref < V else 0
-        keys = [v for v in range(V) if v != query_view]
+        key_views = [v for v in range(V) if v != query_view]
         gt_px = torch.full((V, 2), math.nan)
         if "depth" in batch:
             gt_tok, gt_valid, _ = token_ground_truth(batch, grid, spec.stride)  # [B, V, V, hw, 2], [B, V, V, hw]
             gt_tok, gt_valid = gt_tok[0, query_view].float().cpu(), gt_valid[0, query_view].cpu()  # [V, hw, 2], [V, hw]
-            token = _query_token(gt_valid[keys], h, w)
+            token = _query_token(gt_valid[key_views], h, w)
             gt_px = torch.where(gt_valid[:, token, None], (gt_tok[:, token] + 0.5) * spec.stride - 0.5,
                                 torch.tensor(math.nan))  # [V, 2] pixels in each view
         else:
@@ -196,7 +177,7 @@ def eval_figures(model, diffusion, batch: dict, folder: str | pathlib.Path, *, l
         query_xy = ((token % w + 0.5) * spec.stride - 0.5, (token // w + 0.5) * spec.stride - 0.5)
         fig = attention_figure(batch["image"][0], query_view, query_xy, attention, gt_xy=gt_px.cpu(),
                                title=f"{layer} at t={timestep}")
-        paths.append(save_figure(fig, folder / "attention.png"))
+        paths.append(save_figure(fig, folder / keys.ATTENTION_FIGURE))
         return paths
     finally:
         model.train(was_training)

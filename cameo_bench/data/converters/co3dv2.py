@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image
 
 from cameo_bench.data.converters import ConvertedScene, image_hw, register_converter, rigid_from_w2c
-from cameo_bench.data.scene_folder import SceneFolderError, validate_c2w
+from cameo_bench.data.scene_format import SceneFolderError, validate_c2w
 
 ANNOTATIONS = "frame_annotations.jgz"
 FLIP_XY = np.diag([-1.0, -1.0, 1.0])

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cameo_bench.data.converters import ConvertedScene, image_hw, register_converter, rigid_from_w2c
-from cameo_bench.data.scene_folder import SceneFolderError, validate_c2w
+from cameo_bench.data.scene_format import SceneFolderError, validate_c2w
 
 MODEL_DIRS = ("sparse/0", "sparse", ".")
 # model -> (number of params, index of the distortion params). Focal/centre layout below.

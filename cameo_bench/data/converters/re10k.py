@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from cameo_bench.data.converters import ConvertedScene, find_image, image_hw, register_converter, rigid_from_w2c
-from cameo_bench.data.scene_folder import SceneFolderError, validate_c2w
+from cameo_bench.data.scene_format import SceneFolderError, validate_c2w
 
 NUMBERS_PER_LINE = 19
 
