@@ -10,7 +10,7 @@ import pytest
 from cameo_bench.report import align, build_report, compare, first_crossing, group_runs, normalised_auc
 from cameo_bench.report.curves import crossing_steps, thresholds_between
 from cameo_bench.report.runs import is_baseline, supervised_layer
-from cameo_bench.tracking import RunRecord, from_mlflow_key, load_runs, to_mlflow_key
+from cameo_bench.tracking import RunRecord, from_mlflow_key, keys, load_runs, to_mlflow_key
 
 LAYERS = ["blocks.00.attn", "blocks.01.attn", "blocks.02.attn", "blocks.03.attn"]
 BINS = ["0-30", "30-60", "60-90", "90+"]
@@ -202,8 +202,32 @@ def test_supervised_layer_is_found_from_identical_histories():
     twin = dict(run.metrics)
     twin["attn/blocks.03.attn/pck@1"] = twin[f"attn/{SUPERVISED}/pck@1"]  # two layers fit: do not guess
     assert supervised_layer(RunRecord("t", "t", run.params, {}, twin)) is None
-    run.tags["cameo.layer_resolved"] = "blocks.01.attn"
+    run.tags[keys.LAYER_RESOLVED] = "blocks.01.attn"
     assert supervised_layer(run) == "blocks.01.attn"
+
+
+def test_supervised_layer_is_the_tag_else_the_param_of_runs_logged_before_the_redesign():
+    run = RunRecord("r", "r", synthetic_params(0.5, 0, 0), {}, {})
+    assert supervised_layer(run) is None  # nothing logged and no histories to match
+    run.params[keys.LAYER_RESOLVED] = "blocks.01.attn"  # how the engine logged it before
+    assert supervised_layer(run) == "blocks.01.attn"
+    run.tags[keys.LAYER_RESOLVED] = "blocks.03.attn"  # how it logs it now
+    assert supervised_layer(run) == "blocks.03.attn"
+    # a baseline supervises nothing, whatever its selector resolves to (tag) or however it was logged
+    base = RunRecord("b", "b", synthetic_params(0.0, 0, 0), {keys.LAYER_RESOLVED: "blocks.02.attn"}, {})
+    assert supervised_layer(base) is None
+    old_base = RunRecord("o", "o", {**synthetic_params(0.0, 0, 0), keys.LAYER_RESOLVED: "none"}, {}, {})
+    assert supervised_layer(old_base) is None
+
+
+def test_the_baseline_rule_is_the_specs():
+    from cameo_bench.config.spec import is_baseline as rule
+
+    for weight, source in (("0", "depth"), ("0.0", "depth"), ("0.5", "none"), ("0.5", "depth"), ("1e-3", "shuffled")):
+        run = RunRecord("r", "r", {"cameo.weight": weight, "cameo.source": source})
+        assert is_baseline(run) == rule(float(weight), source)
+    assert is_baseline(RunRecord("r", "r", {"cameo.weight": "0.5", "cameo.source": "none"}))
+    assert not is_baseline(RunRecord("r", "r", {"cameo.weight": "0.5", "cameo.source": "depth"}))
 
 
 def test_report_from_records_writes_every_part(tmp_path):
@@ -234,12 +258,23 @@ def test_labels_leave_out_what_only_differs_between_backbones():
     assert all(v.baseline is not None and v.baseline.backbone == v.backbone for v in grouping.variants if not v.baseline_arm)
 
 
-def test_a_resolved_layer_equal_to_the_layer_name_is_not_repeated_in_labels():
-    runs = [_record(0.0, 0)] + [_record(0.5, 0, **{"cameo.layer": n, "cameo.layer_resolved": n}) for n in ("a.0", "a.1")]
+@pytest.mark.parametrize("logged_as", ["param", "tag"])  # a param before the redesign, a tag now
+def test_a_resolved_layer_equal_to_the_layer_name_is_not_repeated_in_labels(logged_as):
+    def record(layer, resolved):
+        run = _record(0.5, 0, **{"cameo.layer": layer})
+        (run.params if logged_as == "param" else run.tags)[keys.LAYER_RESOLVED] = resolved
+        return run
+
+    base = _record(0.0, 0)
+    if logged_as == "tag":
+        base.tags[keys.LAYER_RESOLVED] = "a.0"  # a baseline's selector resolves too: no label, no variant of its own
+    runs = [base] + [record(n, n) for n in ("a.0", "a.1")]
     labels = sorted(v.label for v in group_runs(runs).variants)
     assert labels == ["baseline", "layer=a.0", "layer=a.1"]
-    runs.append(_record(0.5, 0, **{"cameo.layer": "depth:0.5", "cameo.layer_resolved": "a.1"}))  # a selector: keep both
-    assert "layer=depth:0.5, layer_resolved=a.1" in {v.label for v in group_runs(runs).variants}
+    runs.append(record("depth:0.5", "a.1"))  # a selector: keep both
+    grouping = group_runs(runs)
+    assert "layer=depth:0.5, layer_resolved=a.1" in {v.label for v in grouping.variants}
+    assert {v.label: v.layer for v in grouping.variants}["layer=depth:0.5, layer_resolved=a.1"] == "a.1"
 
 
 def test_compute_line_counts_side_by_side_runs_once():
@@ -368,3 +403,68 @@ def test_cli_report_names_a_missing_experiment(store, tmp_path, capsys):
     assert cli.run(parser.parse_args(["--experiment", "nope", "--tracking-uri", store[0], "--out", str(tmp_path)])) == 2
     err = capsys.readouterr().err
     assert "no MLflow experiment named 'nope'" in err and "sweep-test" in err  # lists the experiments found
+
+
+# ---------------------------------------------------------------------------------------------
+# what the engine writes is what the report reads
+
+
+def test_a_run_written_by_the_engine_reads_back_under_the_reports_names(store, tmp_path, monkeypatch):
+    """Two smoke trainings (CAMEO and its baseline) logged by `cameo-bench train` into the store, read
+    back with `load_runs` and reported: the supervised layer, the layer order and the metrics must
+    arrive under the names the report reads (it once read a tag the engine logged as a param, and a
+    layer-order tag nothing wrote)."""
+    import torch
+
+    from backbones import create_backbone
+    from cameo_bench.__main__ import main
+    from cameo_bench.report.runs import backbone_of
+    from cameo_bench.tracking import fetch_artifact
+    from cameo_bench.tracking.labels import run_label
+
+    uri = store[0]
+    monkeypatch.chdir(tmp_path)
+    for name, weight in (("cameo", 0.5), ("base", 0.0)):
+        bindings = [f"run_experiment.output_dir = '{tmp_path / 'runs'}'", f"run_experiment.name = '{name}'",
+                    f"cameo.weight = {weight}", "train.steps = 2", "eval.every = 2", "eval.at_start = True",
+                    "train.checkpoint_every = 2", "eval.lpips = False"]
+        argv = ["train", "gin/experiments/smoke.gin", "--no-progress", "--tracking-uri", uri, "--experiment", "roundtrip"]
+        assert main(argv + [a for b in bindings for a in ("--gin_param", b)]) == 0
+
+    with torch.device("meta"):  # smoke.gin's backbone, for its layer names in forward order
+        layers = [layer.name for layer in create_backbone("mv_dit", "micro").attention_layers()]
+    supervised = "blocks.00.attn"  # `depth:0.5` of the two-block micro DiT (smoke.gin's selector)
+    runs = {r.name: r for r in load_runs("roundtrip", uri)}
+    cameo, base = runs["cameo"], runs["base"]
+
+    # interface 9: both layer facts are tags, and the resolved layer is no longer a param
+    assert cameo.tags[keys.LAYER_RESOLVED] == supervised
+    assert cameo.tags[keys.ATTN_LAYERS].split(",") == layers
+    assert keys.LAYER_RESOLVED not in cameo.params and keys.LAYER_RESOLVED not in base.params
+    assert supervised_layer(cameo) == supervised and supervised_layer(base) is None
+
+    # the params the labels and the baseline rule read
+    assert run_label(cameo.params, supervised_layer(cameo)) == f"mv_dit micro | CAMEO λ=0.5 @ {supervised}"
+    assert run_label(base.params) == "mv_dit micro | baseline"
+    assert is_baseline(base) and not is_baseline(cameo) and backbone_of(cameo) == "mv_dit/micro"
+
+    # the metrics, at the evaluation steps, under the names the report reads
+    for run in (cameo, base):
+        for key in [keys.PSNR, keys.SSIM] + [keys.attn(layer, keys.PCK1) for layer in layers]:
+            assert [s for s, _ in run.metrics.get(key, [])] == [0, 2], (run.name, key)
+    assert [s for s, _ in cameo.metrics[keys.SUPERVISED_PCK1]] == [0, 2]
+    assert keys.SUPERVISED_PCK1 not in base.metrics
+
+    report = build_report(list(runs.values()), tmp_path / "report", experiment="roundtrip", n_boot=20,
+                          fetch=lambda run, path, dst: fetch_artifact(run.run_id, path, dst, uri))
+    variants = {v.label: v for v in report.grouping.variants}
+    assert set(variants) == {"baseline", "cameo"} and variants["cameo"].baseline is variants["baseline"]
+    assert variants["cameo"].layer == supervised
+    for metric in (keys.PSNR, keys.SSIM, keys.SUPERVISED_PCK1):  # the baseline is read at the supervised layer
+        assert report.comparison("cameo", metric).steps.tolist() == [0, 2], metric
+    md = (tmp_path / "report" / "report.md").read_text()
+    profile = [line.split("|")[1].strip() for line in md.splitlines()
+               if line.startswith("| blocks.")]  # the per-layer profile table, in forward order
+    assert profile == layers
+    assert "## Attention visualisation" in md  # the engine's figure, at the path the report asks for
+    assert (tmp_path / "report" / "attention_mv_dit_micro_00.png").read_bytes()[:4] == b"\x89PNG"

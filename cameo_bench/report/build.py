@@ -1,4 +1,4 @@
-"""Assemble a convergence report: `reports/<name>/report.md`, its PNGs and `sources.json`.
+"""Assemble a convergence report from runs: `reports/<name>/report.md`, its PNGs and `sources.json`.
 
 Everything is computed from `RunRecord`s (plain data), so the numbers can be checked without MLflow;
 `cameo_bench.tracking.load_runs` is the one place that reads them from a tracking store.
@@ -17,15 +17,18 @@ import numpy as np
 from cameo_bench.report import plots
 from cameo_bench.report.curves import DEFAULT_FRACTIONS, Comparison, compare
 from cameo_bench.report.runs import SUPERVISED, Grouping, Variant, group_runs, seed_of
-from cameo_bench.tracking import RunRecord
+from cameo_bench.tracking import RunRecord, keys
 
-DEFAULT_METRICS = ("eval/psnr", "eval/ssim", "eval/lpips_vgg", "attn/supervised/pck@1")
-PRIMARY = "eval/psnr"  # the metric of the sweep tables' speed-up column (the paper's "2x" is on PSNR)
+DEFAULT_METRICS = (keys.PSNR, keys.SSIM, keys.LPIPS_VGG, keys.SUPERVISED_PCK1)
+PRIMARY = keys.PSNR  # the metric of the sweep tables' speed-up column (the paper's "2x" is on PSNR)
 FIGURES = ("curves_*.png", "speedup_*.png", "profile_*.png", "attention_*.png")
 MAX_ATTENTION_FIGURES = 8  # per backbone: the baseline and the first CAMEO variants
-_LAYER_PCK = re.compile(r"^attn/(?P<layer>.+)/pck@1$")
-_BIN = re.compile(r"^attn/(?P<layer>.+)/pck@1/(?P<bin>\d+(?:-\d+|\+))$")
-_QUALITY_BIN = re.compile(r"^eval/(?P<metric>psnr|ssim)/(?P<bin>\d+(?:-\d+|\+))$")
+QUALITY_BY_BIN = ("psnr", "ssim")  # `eval/<metric>/<bin>` metrics of the quality-by-viewpoint tables
+_VIEWPOINT_BIN = r"(?P<bin>\d+(?:-\d+|\+))"
+_ATTN, _PCK1 = re.escape(keys.ATTN), re.escape(keys.PCK1)
+_LAYER_PCK = re.compile(rf"^{_ATTN}(?P<layer>.+)/{_PCK1}$")
+_BIN = re.compile(rf"^{_ATTN}(?P<layer>.+)/{_PCK1}/{_VIEWPOINT_BIN}$")
+_QUALITY_BIN = re.compile(rf"^{re.escape(keys.EVAL)}(?P<metric>{'|'.join(QUALITY_BY_BIN)})/{_VIEWPOINT_BIN}$")
 
 
 @dataclass
@@ -106,7 +109,7 @@ def _usable(runs: list[RunRecord], statuses) -> tuple[list[RunRecord], list[tupl
     restarted from scratch) only the last one counts, or its seed would be counted twice."""
     kept, skipped = [], []
     for run in runs:
-        if not any(k.startswith(("eval/", "attn/")) for k in run.metrics):
+        if not any(k.startswith((keys.EVAL, keys.ATTN)) for k in run.metrics):
             skipped.append((run, f"no evaluation metrics, status {run.status} (e.g. a sweep's parent run)"))
         elif run.status not in statuses:
             skipped.append((run, f"status {run.status}"))
@@ -114,10 +117,10 @@ def _usable(runs: list[RunRecord], statuses) -> tuple[list[RunRecord], list[tupl
             kept.append(run)
     latest: dict[tuple[str, str], RunRecord] = {}
     for run in kept:  # `load_runs` returns runs oldest first
-        if "sweep.trial" in run.tags:
-            latest[run.tags.get("sweep.name", ""), run.tags["sweep.trial"]] = run
-    superseded = [r for r in kept if "sweep.trial" in r.tags
-                  and latest[r.tags.get("sweep.name", ""), r.tags["sweep.trial"]] is not r]
+        if keys.SWEEP_TRIAL in run.tags:
+            latest[run.tags.get(keys.SWEEP_NAME, ""), run.tags[keys.SWEEP_TRIAL]] = run
+    superseded = [r for r in kept if keys.SWEEP_TRIAL in r.tags
+                  and latest[r.tags.get(keys.SWEEP_NAME, ""), r.tags[keys.SWEEP_TRIAL]] is not r]
     skipped += [(r, "superseded by a later run of the same sweep trial") for r in superseded]
     return [r for r in kept if not any(r is s for s in superseded)], skipped
 
@@ -126,7 +129,7 @@ def _layer_order(variants: list[Variant], found: set[str]) -> list[str]:
     """Layers in forward order: from the tag `attn.layers` (comma-separated, logged by the engine) when
     present, else by name with numbers compared as numbers (names carry zero-padded indices). Building the
     backbone to ask it would cost torch and diffusers imports and break on backbones that changed since."""
-    tagged = next((r.tags["attn.layers"] for v in variants for r in v.runs if "attn.layers" in r.tags), "")
+    tagged = next((r.tags[keys.ATTN_LAYERS] for v in variants for r in v.runs if keys.ATTN_LAYERS in r.tags), "")
     order = [n for n in tagged.split(",") if n]
 
     def natural(name: str):
@@ -173,11 +176,11 @@ def _bin_key(b: str) -> int:
 def _profile_section(backbone: str, variants: list[Variant], out: pathlib.Path,
                      draw: bool) -> tuple[list[str], list[pathlib.Path]]:
     found = {m["layer"] for v in variants for r in v.runs for k in r.metrics
-             if (m := _LAYER_PCK.match(k)) and m["layer"] != "supervised"}
+             if (m := _LAYER_PCK.match(k)) and m["layer"] != keys.SUPERVISED_LAYER}
     if not found:
         return [], []
     layers = _layer_order(variants, found)
-    arms = [(v.label, [float(np.mean(_finals(v, f"attn/{n}/pck@1")) if _finals(v, f"attn/{n}/pck@1") else math.nan)
+    arms = [(v.label, [float(np.mean(f)) if (f := _finals(v, keys.attn(n, keys.PCK1))) else math.nan
                        for n in layers], v.layer) for v in variants]
     lines = [f"#### {backbone}: final PCK@1 of every layer (bold = the variant's supervised layer)", ""]
     rows = [[n] + [f"**{a[1][i]:.3f}**" if a[2] == n else _num(a[1][i]) for a in arms] for i, n in enumerate(layers)]
@@ -193,7 +196,7 @@ def _profile_section(backbone: str, variants: list[Variant], out: pathlib.Path,
             for layer in supervised if v.baseline_arm else [v.layer]:
                 if layer is None:
                     continue
-                cells = [_mean_std(_finals(v, f"attn/{layer}/pck@1/{b}")) for b in bins]
+                cells = [_mean_std(_finals(v, keys.attn(layer, f"{keys.PCK1}/{b}"))) for b in bins]
                 rows.append([v.label, layer] + cells)
         lines += [f"#### {backbone}: PCK@1 at the supervised layer by viewpoint change (degrees), final step", ""]
         lines += _table(["arm", "layer"] + bins, rows) + [""]
@@ -208,17 +211,17 @@ def _quality_by_bin_section(backbone: str, variants: list[Variant]) -> list[str]
         return []
     bins = sorted({b for _, b in found}, key=_bin_key)
     lines = []
-    for metric in ("psnr", "ssim"):
+    for metric in QUALITY_BY_BIN:
         if not any(m == metric for m, _ in found):
             continue
         rows = []
         for v in variants:
-            rows.append([v.label] + [_mean_std(_finals(v, f"eval/{metric}/{b}")) for b in bins])
+            rows.append([v.label] + [_mean_std(_finals(v, keys.eval_by_bin(metric, b))) for b in bins])
             if v.baseline_arm or v.baseline is None:
                 continue
             gaps = []
             for b in bins:
-                key = f"eval/{metric}/{b}"
+                key = keys.eval_by_bin(metric, b)
                 mine = {seed_of(r): x for r in v.runs if (x := _final(r, key)) is not None}
                 theirs = {seed_of(r): x for r in v.baseline.runs if (x := _final(r, key)) is not None}
                 paired = [mine[s] - theirs[s] for s in mine if s in theirs]
@@ -236,11 +239,11 @@ def _attention_section(backbone: str, variants: list[Variant], out: pathlib.Path
     lines, paths = [], []
     for i, v in enumerate(variants[:MAX_ATTENTION_FIGURES]):
         run = min(v.runs, key=lambda r: (len(seed_of(r)), seed_of(r)))  # the same seed in every arm when they share one
-        steps = [s for s, _ in run.metrics.get("eval/psnr", [])]
+        steps = [s for s, _ in run.metrics.get(keys.PSNR, [])]
         if not steps:
             continue
         name = f"attention_{backbone.replace('/', '_')}_{i:02d}.png"  # labels hold quotes and braces
-        path = fetch(run, f"figures/step_{max(steps):07d}/attention.png", out / name)
+        path = fetch(run, f"{keys.figures_folder(max(steps))}/{keys.ATTENTION_FIGURE}", out / name)
         if path is not None:
             lines += [f"**{v.label}** (seed {seed_of(run)}, step {max(steps)})", "", f"![{v.label}]({path.name})", ""]
             paths.append(path)
@@ -315,9 +318,9 @@ def _sources(report: Report, experiment: str, command: str, source: str | None, 
     return {
         "experiment": experiment, "command": command, "source": source, "git_shas": shas,
         "runs": [{"run_id": r.run_id, "name": r.name, "status": r.status, "variant": v.label, "backbone": v.backbone,
-                  "seed": seed_of(r), "git_sha": r.tags.get("git.sha", "unknown"), "git_dirty": r.tags.get("git.dirty"),
-                  "gin_files": r.params.get("gin_files") or r.tags.get("gin_files"),
-                  "sweep_trial": r.tags.get("sweep.trial"), "parent_run_id": r.tags.get("mlflow.parentRunId")}
+                  "seed": seed_of(r), "git_sha": r.tags.get(keys.GIT_SHA, "unknown"), "git_dirty": r.tags.get(keys.GIT_DIRTY),
+                  "gin_files": r.params.get(keys.GIN_FILES) or r.tags.get(keys.GIN_FILES),
+                  "sweep_trial": r.tags.get(keys.SWEEP_TRIAL), "parent_run_id": r.tags.get(keys.PARENT_RUN_ID)}
                  for v in report.grouping.variants for r in v.runs],
         "left_out": [{"run_id": r.run_id, "name": r.name, "reason": why} for r, why in report.skipped],
     }
@@ -362,7 +365,7 @@ def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experime
                                                  variant_seeds=v.seeds, fractions=fractions, n_boot=n_boot, seed=seed)
     report = Report(out, grouping, comparisons, skipped=skipped)
     command = command or f"cameo-bench report --experiment {experiment}"
-    shas = sorted({r.tags.get("git.sha", "unknown") for r in kept})
+    shas = sorted({r.tags.get(keys.GIT_SHA, "unknown") for r in kept})
     md = [f"# Convergence report: {experiment}", "", f"Regenerate with `{command}`", "",
           f"Built {datetime.datetime.now().isoformat(timespec='seconds')} from {len(kept)} runs of MLflow experiment "
           f"`{experiment}`" + (f" ({source})" if source else "")

@@ -1,5 +1,7 @@
-"""Convergence statistics on metric-vs-step curves: iterations to a threshold, normalised area
-under the curve, final gaps, and bootstrap confidence intervals over seeds.
+"""Convergence statistics of metric-vs-step curves (pure numpy): speed-ups, AUC, gaps, bootstrap CIs.
+
+Iterations to a threshold, normalised area under the curve, final gaps, and bootstrap confidence
+intervals over seeds.
 
 The paper's "2x" is an iterations-to-threshold ratio (CAMEO reaches at 80k the PSNR the baseline
 reaches at 160k). A single threshold can mislead (alignment losses often help early and plateau

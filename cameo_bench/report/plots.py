@@ -19,6 +19,18 @@ def _axes(n: int, width: float = 5.5, height: float = 3.8):
     return fig, list(axes[0])
 
 
+def _grid_and_legend(ax) -> None:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below: long labels hide curves
+
+
+def _save(fig, path: pathlib.Path) -> pathlib.Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)  # reports draw many figures: free each one
+    return path
+
+
 def convergence(panels: dict[str, list[tuple[str, bool, list]]], metric: str, path: pathlib.Path) -> pathlib.Path:
     """One panel per backbone; per arm the seed mean and the min-max band over seeds.
 
@@ -36,13 +48,9 @@ def convergence(panels: dict[str, list[tuple[str, bool, list]]], metric: str, pa
         ax.set_title(backbone)
         ax.set_xlabel("step")
         ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below: long labels hide curves
+        _grid_and_legend(ax)
     fig.suptitle(f"{metric}: mean over seeds, band = min..max")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def speedups(panels: dict[str, list[tuple[str, object]]], path: pathlib.Path) -> pathlib.Path:
@@ -63,12 +71,8 @@ def speedups(panels: dict[str, list[tuple[str, object]]], path: pathlib.Path) ->
         ax.set_title(backbone)
         ax.set_xlabel("threshold: fraction of the baseline's improvement (1 = its final value)")
         ax.set_ylabel("speed-up (iterations baseline / variant)\nnot reached = 0")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below: long labels hide curves
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+        _grid_and_legend(ax)
+    return _save(fig, path)
 
 
 def layer_profile(layers: list[str], arms: list[tuple[str, list[float], str | None]], backbone: str,
@@ -85,9 +89,5 @@ def layer_profile(layers: list[str], arms: list[tuple[str, list[float], str | No
     ax.set_xticks(x, layers, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("PCK@1 (final step)")
     ax.set_title(f"{backbone}: PCK@1 per layer (* = supervised)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22))  # below: long labels hide curves
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    _grid_and_legend(ax)
+    return _save(fig, path)

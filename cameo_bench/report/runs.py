@@ -1,61 +1,76 @@
 """Group runs into variants (same configuration, several seeds) and match each variant to its baseline.
 
 A variant is the set of runs whose parameters agree on everything but the seed (and the run's name
-and output folder). Its baseline is the variant without CAMEO (weight 0 or source `none`) that agrees
-on every non-`cameo.*` parameter; if none does (say the baseline trained longer), the one with the same
-backbone and data settings that agrees on the most other parameters.
+and output folder). Its baseline is the variant without CAMEO (the one rule of
+`cameo_bench.config.spec.is_baseline`: weight 0 or source `none`) that agrees on every non-`cameo.*`
+parameter; if none does (say the baseline trained longer), the one with the same backbone and data
+settings that agrees on the most other parameters.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
 
-from cameo_bench.tracking import RunRecord
+from cameo_bench.tracking import RunRecord, keys
+from cameo_bench.tracking.labels import params_are_baseline
 
-SEED_PARAMS = ("seed",)  # data.seed picks the scenes: a data setting, not a replicate
-BACKBONE_KEYS = ("backbone.name", "backbone.preset")  # reports have one section per backbone
-IGNORED_PARAMS = ("name", "output_dir", "gin_files", "train.progress")
-SUPERVISED = "attn/supervised/"
-_LAYER_KEY = re.compile(r"^attn/(?P<layer>.+)/pck@1$")
+SEED_PARAMS = (keys.SEED,)  # data.seed picks the scenes: a data setting, not a replicate
+BACKBONE_KEYS = (keys.BACKBONE_NAME, keys.BACKBONE_PRESET)  # reports have one section per backbone
+IGNORED_PARAMS = (keys.EXPERIMENT_NAME, keys.OUTPUT_DIR, keys.GIN_FILES, keys.TRAIN_PROGRESS)
+SUPERVISED = keys.SUPERVISED_PREFIX
+_LAYER_KEY = re.compile(rf"^{re.escape(keys.ATTN)}(?P<layer>.+)/{re.escape(keys.PCK1)}$")
 
 
 def is_baseline(run: RunRecord) -> bool:
-    weight = run.params.get("cameo.weight", "0")
+    """The one baseline rule applied to the run's logged param strings."""
     try:
-        off = float(weight) == 0.0
+        return params_are_baseline(run.params)
     except ValueError as err:
-        raise ValueError(f"run {run.run_id}: param cameo.weight = {weight!r} is not a number") from err
-    return off or run.params.get("cameo.source", "") == "none"
+        raise ValueError(f"run {run.run_id}: {err}") from err
 
 
 def backbone_of(run: RunRecord) -> str:
-    return f"{run.params.get('backbone.name', '?')}/{run.params.get('backbone.preset', '?')}"
+    return f"{run.params.get(keys.BACKBONE_NAME, '?')}/{run.params.get(keys.BACKBONE_PRESET, '?')}"
 
 
 def seed_of(run: RunRecord) -> str:
     return ",".join(run.params.get(k, "") for k in SEED_PARAMS)
 
 
+def resolved_layer(run: RunRecord) -> str | None:
+    """The layer the run's `cameo.layer` resolved to, as the engine logged it: the tag, or for runs
+    logged before the redesign the param of the same name (`none` there meant a baseline)."""
+    name = run.tags.get(keys.LAYER_RESOLVED) or run.params.get(keys.LAYER_RESOLVED)
+    return None if name in (None, "", "none") else name
+
+
 def config_params(run: RunRecord) -> dict[str, str]:
-    """The parameters that define a variant."""
-    return {k: v for k, v in run.params.items() if k not in SEED_PARAMS and k not in IGNORED_PARAMS}
+    """The parameters that define a variant, the resolved layer among them (a tag now, a param in
+    runs logged before the redesign), so that old and new runs group alike."""
+    params = {k: v for k, v in run.params.items() if k not in SEED_PARAMS and k not in IGNORED_PARAMS}
+    if keys.LAYER_RESOLVED in run.tags:
+        params[keys.LAYER_RESOLVED] = run.tags[keys.LAYER_RESOLVED]
+    return params
 
 
 def supervised_layer(run: RunRecord) -> str | None:
     """The resolved name of the supervised layer (`cameo.layer` may be a selector such as `depth:0.5`).
 
-    Read from the tag `cameo.layer_resolved` when the engine logged it; otherwise the one layer whose
-    histories equal every `attn/supervised/*` history (the engine logs the same numbers under both
-    names). None when no layer, or more than one, matches.
+    None for a baseline: it supervises nothing, whatever its selector resolves to. Otherwise the
+    logged `cameo.layer_resolved`; failing that, the one layer whose histories equal every
+    `attn/supervised/*` history (the engine logs the same numbers under both names). None when no
+    layer, or more than one, matches.
     """
-    if "cameo.layer_resolved" in run.tags:
-        return run.tags["cameo.layer_resolved"]
+    if is_baseline(run):
+        return None
+    if (logged := resolved_layer(run)) is not None:
+        return logged
     supervised = {k[len(SUPERVISED):]: h for k, h in run.metrics.items() if k.startswith(SUPERVISED)}
     if not supervised:
         return None
-    layers = {m["layer"] for k in run.metrics if (m := _LAYER_KEY.match(k)) and m["layer"] != "supervised"}
+    layers = {m["layer"] for k in run.metrics if (m := _LAYER_KEY.match(k)) and m["layer"] != keys.SUPERVISED_LAYER}
     matches = [layer for layer in sorted(layers)
-               if all(run.metrics.get(f"attn/{layer}/{suffix}") == h for suffix, h in supervised.items())]
+               if all(run.metrics.get(keys.attn(layer, suffix)) == h for suffix, h in supervised.items())]
     return matches[0] if len(matches) == 1 else None
 
 
@@ -81,7 +96,7 @@ class Variant:
     def key_for(self, metric: str, layer: str | None) -> str:
         """A baseline has no `attn/supervised/*`: read the variant's layer there instead."""
         if metric.startswith(SUPERVISED) and self.baseline_arm and layer:
-            return f"attn/{layer}/" + metric[len(SUPERVISED):]
+            return keys.attn(layer, metric[len(SUPERVISED):])
         return metric
 
 
@@ -94,11 +109,15 @@ class Grouping:
 
 
 def _short(key: str) -> str:
-    return key.removeprefix("cameo.")
+    return key.removeprefix(keys.CAMEO_PREFIX)
+
+
+def _is_cameo(key: str) -> bool:
+    return key.startswith(keys.CAMEO_PREFIX)
 
 
 def _non_cameo(params: dict[str, str]) -> dict[str, str]:
-    return {k: v for k, v in params.items() if not k.startswith("cameo.")}
+    return {k: v for k, v in params.items() if not _is_cameo(k)}
 
 
 def group_runs(runs: list[RunRecord]) -> Grouping:
@@ -116,8 +135,8 @@ def group_runs(runs: list[RunRecord]) -> Grouping:
         varying_here = by_backbone[backbone_of(members[0])]  # a label need not repeat what the backbone decides
         params = _non_cameo(config_params(members[0])) if base else config_params(members[0])
         label = "baseline" if base else (", ".join(f"{_short(k)}={params.get(k, '-')}" for k in varying_here
-                                                   if k in params and k.startswith("cameo.")) or "cameo")
-        extra = [f"{_short(k)}={params[k]}" for k in varying_here if not k.startswith("cameo.") and k in params]
+                                                   if k in params and _is_cameo(k)) or "cameo")
+        extra = [f"{_short(k)}={params[k]}" for k in varying_here if not _is_cameo(k) and k in params]
         if extra:
             label = f"{label} [{', '.join(extra)}]"
         layers = {supervised_layer(r) for r in members} - {None}
@@ -139,9 +158,9 @@ def _varying(runs: list[RunRecord]) -> list[str]:
     """Parameters that differ between the runs: `cameo.*` among CAMEO runs, the rest among all."""
     cameo_runs = [config_params(r) for r in runs if not is_baseline(r)]
     every = [_non_cameo(config_params(r)) for r in runs]
-    if all(p.get("cameo.layer_resolved") == p.get("cameo.layer") for p in cameo_runs):  # names, not selectors
-        cameo_runs = [{k: v for k, v in p.items() if k != "cameo.layer_resolved"} for p in cameo_runs]
-    return sorted({k for p in cameo_runs for k in p if k.startswith("cameo.") and len({q.get(k) for q in cameo_runs}) > 1}
+    if all(p.get(keys.LAYER_RESOLVED) == p.get(keys.CAMEO_LAYER) for p in cameo_runs):  # names, not selectors
+        cameo_runs = [{k: v for k, v in p.items() if k != keys.LAYER_RESOLVED} for p in cameo_runs]
+    return sorted({k for p in cameo_runs for k in p if _is_cameo(k) and len({q.get(k) for q in cameo_runs}) > 1}
                   | {k for p in every for k in p if k not in BACKBONE_KEYS and len({q.get(k) for q in every}) > 1})
 
 
@@ -151,7 +170,7 @@ def _match(variant: Variant, baselines: list[Variant]) -> Variant | None:
         if b.params == own:
             return b
     near = [b for b in baselines if all(b.params.get(k) == v for k, v in own.items()
-                                        if k.startswith(("backbone.", "data.")))]
+                                        if k.startswith((keys.BACKBONE_PREFIX, keys.DATA_PREFIX)))]
     if not near:
         return None
     return max(near, key=lambda b: sum(b.params.get(k) == v for k, v in own.items()))

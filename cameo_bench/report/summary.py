@@ -1,26 +1,33 @@
 """A side-by-side table of a sweep's trials, read from their run folders (no tracking server needed).
 
-This is what `make quickstart` prints at the end: one row per trial with the last evaluation's
-quality and attention-correspondence numbers and the measured training speed.
+This is what `make quickstart` prints at the end: one row per trial, labelled like the runs
+(`mv_dit tiny | CAMEO λ=0.5 @ blocks.02.attn`), with the last evaluation's quality and
+attention-correspondence numbers and the measured training speed.
 """
 from __future__ import annotations
 
+import ast
 import statistics
+from dataclasses import dataclass
 
 import torch
 
 from backbones import create_backbone
 from cameo_bench import config
+from cameo_bench.tracking import keys
+from cameo_bench.tracking.labels import run_label
 from cameo_bench.tracking.run_log import read_metrics
 
 COLUMNS = (
-    ("PSNR", "eval/psnr", "{:.2f}"),
-    ("SSIM", "eval/ssim", "{:.3f}"),
-    ("LPIPS", "eval/lpips_vgg", "{:.3f}"),
-    ("PCK@1 (sup. layer)", "attn/supervised/pck@1", "{:.3f}"),
-    ("EPE (tok)", "attn/supervised/epe", "{:.2f}"),
-    ("consistency L1", "eval/consistency_l1", "{:.3f}"),
+    ("PSNR", keys.PSNR, "{:.2f}"),
+    ("SSIM", keys.SSIM, "{:.3f}"),
+    ("LPIPS", keys.LPIPS_VGG, "{:.3f}"),
+    ("PCK@1 (sup. layer)", keys.SUPERVISED_PCK1, "{:.3f}"),
+    ("EPE (tok)", keys.SUPERVISED_EPE, "{:.2f}"),
+    ("consistency L1", keys.CONSISTENCY, "{:.3f}"),
 )
+# trial axes the label already says (backbone name/preset, its overrides are noise; weight; layer)
+LABELLED = (keys.BACKBONE_PREFIX, keys.CAMEO_WEIGHT, keys.CAMEO_LAYER)
 
 
 def last_value(history: dict, key: str) -> tuple[int, float] | None:
@@ -28,48 +35,78 @@ def last_value(history: dict, key: str) -> tuple[int, float] | None:
     return values[-1] if values else None
 
 
-def trial_row(plan, trial, baseline_layer: str | None = None) -> dict[str, str]:
-    history = read_metrics(plan.run_root / trial.id)
-    row = {"trial": trial.id, "variant": trial.label}
-    step = last_value(history, "eval/psnr")
-    row["step"] = str(step[0]) if step else "-"
-    for title, key, fmt in COLUMNS:
-        value = last_value(history, key)
-        if value is None and key.startswith("attn/supervised/") and baseline_layer:
-            # a baseline has no supervised layer: read the layer CAMEO supervises in its sibling trials
-            value = last_value(history, f"attn/{baseline_layer}/{key.split('/', 2)[2]}")
-        row[title] = fmt.format(value[1]) if value else "-"
-    steps = [v for _, v in history.get("time/step_seconds", [])]
-    row["s/step"] = f"{statistics.median(steps):.2f}" if steps else "-"
-    return row
+@dataclass
+class TrialInfo:
+    """What the table needs of a trial's parsed experiment."""
+
+    params: dict[str, str]  # the experiment's flat params, as a tracker logs them
+    backbone: str  # name/preset/overrides: trials with the same key build the same model
+    layer: str  # the layer `cameo.layer` resolves to on that model
 
 
-def _backbone_and_layer(plan, trial) -> tuple[str, str]:
-    """(backbone, preset, overrides) key and the layer `cameo.layer` names for that backbone.
-
-    A baseline's own `cameo.layer` is whatever the base file says (sweeps drop cameo bindings of
-    baselines), so baselines are compared at the layer their CAMEO siblings supervise.
-    """
+def trial_info(plan, trial) -> TrialInfo:
+    """The trial's experiment and its resolved layer. A baseline's own `cameo.layer` is whatever the
+    base file says (sweeps drop cameo bindings of baselines), so baselines are compared at the layer
+    their CAMEO siblings supervise (see `summary_table`)."""
     exp = config.parse(plan.gin_files, plan.trial_bindings(trial))
     with torch.device("meta"):  # built without allocating weights: free
         model = create_backbone(exp.backbone.name, exp.backbone.preset, **exp.backbone.overrides)
     key = f"{exp.backbone.name}/{exp.backbone.preset}/{sorted(exp.backbone.overrides.items())}"
-    return key, model.resolve_layer(exp.cameo.layer)
+    return TrialInfo(exp.flat_params(), key, model.resolve_layer(exp.cameo.layer))
+
+
+def _value_text(text: str) -> str:
+    """A binding's gin text without the quotes of a plain string."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return value if isinstance(value, str) else text
+
+
+def trial_label(trial, info: TrialInfo) -> str:
+    """`run_label`, plus the trial's other axes (seed, source, ...) that the label does not say."""
+    label = run_label(info.params, None if trial.baseline else info.layer)
+    extra = [f"{key.rsplit('.', 1)[-1]}={_value_text(trial.bindings[key])}" for key in trial.varied
+             if not key.startswith(LABELLED)]
+    return f"{label} [{', '.join(extra)}]" if extra else label
+
+
+def trial_row(plan, trial, baseline_layer: str | None = None, label: str | None = None) -> dict[str, str]:
+    history = read_metrics(plan.run_root / trial.id)
+    row = {"trial": trial.id, "variant": label or trial.label}
+    step = last_value(history, keys.PSNR)
+    row["step"] = str(step[0]) if step else "-"
+    for title, key, fmt in COLUMNS:
+        value = last_value(history, key)
+        if value is None and key.startswith(keys.SUPERVISED_PREFIX) and baseline_layer:
+            # a baseline has no supervised layer: read the layer CAMEO supervises in its sibling trials
+            value = last_value(history, keys.attn(baseline_layer, key[len(keys.SUPERVISED_PREFIX):]))
+        row[title] = fmt.format(value[1]) if value else "-"
+    steps = [v for _, v in history.get(keys.STEP_SECONDS, [])]
+    row["s/step"] = f"{statistics.median(steps):.2f}" if steps else "-"
+    return row
 
 
 def summary_table(plan) -> str:
     """Markdown table, one row per trial, columns that have no value anywhere dropped."""
+    infos = {trial.id: trial_info(plan, trial) for trial in plan.trials}
     supervised = {}
     for trial in plan.trials:
         if not trial.baseline:
-            key, layer = _backbone_and_layer(plan, trial)
-            supervised.setdefault(key, layer)
+            supervised.setdefault(infos[trial.id].backbone, infos[trial.id].layer)
     rows = []
     for trial in plan.trials:
-        layer = supervised.get(_backbone_and_layer(plan, trial)[0]) if trial.baseline else None
-        rows.append(trial_row(plan, trial, layer))
+        info = infos[trial.id]
+        layer = supervised.get(info.backbone) if trial.baseline else None
+        rows.append(trial_row(plan, trial, layer, trial_label(trial, info)))
     titles = ["variant", "step"] + [t for t, _, _ in COLUMNS] + ["s/step"]
     titles = [t for t in titles if any(r.get(t, "-") != "-" for r in rows)]
     lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
-    lines += ["| " + " | ".join(r.get(t, "-") for t in titles) + " |" for r in rows]
+    lines += ["| " + " | ".join(_cell(r.get(t, "-")) for t in titles) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """A markdown table cell: the `|` inside a run label is escaped, or it would split the cell."""
+    return text.replace("|", "\\|")

@@ -1,5 +1,10 @@
-"""Tracking: the run folder's log (`run_log`), MLflow (the only mlflow importers) and the UI launcher.
-Names resolve lazily so that reading a run folder does not import mlflow.
+"""Tracking: what a run records, where, under which names; the package's names resolve lazily.
+
+Every logged name (`keys`), the run folder's log (`run_log`), MLflow writing, reading and sweep
+bookkeeping (`mlflow_writer`, `mlflow_reader`, `sweep_runs`: the only mlflow importers, with
+`key_escape` for MLflow's spelling of metric names), run labels (`labels`) and the UI launcher (`ui`).
+
+Names resolve lazily so that reading a run folder, or importing `keys` or `labels`, does not import mlflow.
 """
 from __future__ import annotations
 
@@ -7,31 +12,31 @@ import importlib
 
 # name -> submodule: imported on first use, so importing one part does not load the others
 _EXPORTS = {
-    'default_tracking_uri': 'mlflow_store',
-    'sqlite_path': 'mlflow_store',
-    'default_artifact_root': 'mlflow_store',
-    'ensure_store': 'mlflow_store',
-    'get_or_create_experiment': 'mlflow_store',
-    'git_tags': 'mlflow_store',
-    'environment_tags': 'mlflow_store',
-    'MlflowTracker': 'mlflow_store',
-    'to_mlflow_key': 'mlflow_store',
-    'from_mlflow_key': 'mlflow_store',
-    'RunRecord': 'mlflow_store',
-    'load_runs': 'mlflow_store',
-    'fetch_artifact': 'mlflow_store',
-    'TERMINAL': 'mlflow_store',
-    'TERMINAL_STATUSES': 'mlflow_store',
-    'find_runs': 'mlflow_store',
-    'start_parent_run': 'mlflow_store',
-    'create_failed_run': 'mlflow_store',
-    'end_run': 'mlflow_store',
-    'clear_error': 'mlflow_store',
-    'log_run_text': 'mlflow_store',
-    'RUN_ID_FILE': 'mlflow_store',
-    'MAX_BATCH': 'mlflow_store',
-    'PACKAGES': 'mlflow_store',
-    'MAX_TAG_CHARS': 'mlflow_store',
+    'default_tracking_uri': 'mlflow_writer',
+    'sqlite_path': 'mlflow_writer',
+    'default_artifact_root': 'mlflow_writer',
+    'ensure_store': 'mlflow_writer',
+    'get_or_create_experiment': 'mlflow_writer',
+    'git_tags': 'mlflow_writer',
+    'environment_tags': 'mlflow_writer',
+    'MlflowTracker': 'mlflow_writer',
+    'TERMINAL_STATUSES': 'mlflow_writer',
+    'RUN_ID_FILE': 'mlflow_writer',
+    'MAX_BATCH': 'mlflow_writer',
+    'PACKAGES': 'mlflow_writer',
+    'MAX_TAG_CHARS': 'mlflow_writer',
+    'to_mlflow_key': 'key_escape',
+    'from_mlflow_key': 'key_escape',
+    'RunRecord': 'mlflow_reader',
+    'load_runs': 'mlflow_reader',
+    'fetch_artifact': 'mlflow_reader',
+    'find_runs': 'sweep_runs',
+    'start_parent_run': 'sweep_runs',
+    'create_failed_run': 'sweep_runs',
+    'end_run': 'sweep_runs',
+    'clear_error': 'sweep_runs',
+    'log_run_text': 'sweep_runs',
+    'run_label': 'labels',
     'RunLog': 'run_log',
     'read_metrics': 'run_log',
 }

@@ -54,6 +54,14 @@ def eval_by_bin(name: str, bin_name: str) -> str:
     return f"eval/{name}/{bin_name}"
 
 
+COUNT = "count"  # per viewpoint bin: how many images (eval/) or query tokens (attn/) fell into it
+
+
+def in_bin(name: str, bin_name: str) -> str:
+    """`<name>/<viewpoint bin>` (e.g. `pck@1/0-30`, `count/90+`): the per-bin form of a metric name."""
+    return f"{name}/{bin_name}"
+
+
 SUPERVISED_LAYER = "supervised"  # the alias under which the supervised layer's attention metrics repeat
 
 
@@ -67,6 +75,16 @@ def attn_prefix(layer: str) -> str:
     return f"attn/{layer}/"
 
 
+PCK1 = "pck@1"  # attention metric: share of queries whose attention peak lies within 1 token of the truth
+EPE = "epe"  # attention metric: end-point error of the attention peak, in tokens
+MASS1 = "mass1"  # attention metric: softmax mass within 1 token of the truth
+
+
+def pck(threshold: float) -> str:
+    """`pck@0.5`, `pck@1`, `pck@2`: share of queries whose attention peak lies within `threshold` tokens."""
+    return f"pck@{threshold:g}"
+
+
 SUPERVISED_PREFIX = attn_prefix(SUPERVISED_LAYER)
 SUPERVISED_PCK1 = attn(SUPERVISED_LAYER, "pck@1")
 SUPERVISED_EPE = attn(SUPERVISED_LAYER, "epe")
@@ -77,6 +95,10 @@ def perturb_metric(layer: str, name: str) -> str:
     return f"perturb/{layer}/{name}"
 
 
+PERTURB_BASE = "base"  # perturb/base/<metric>: the unperturbed model's value
+DROP = "_drop"  # perturb/<layer>/<metric>_drop: the metric's fall with that layer's attention set to identity
+
+
 # --- params (the flattened experiment spec is `section.field`) --------------------------------
 CAMEO_WEIGHT = "cameo.weight"
 CAMEO_SOURCE = "cameo.source"
@@ -85,6 +107,11 @@ CAMEO_PREFIX = "cameo."
 BACKBONE_NAME = "backbone.name"
 BACKBONE_PRESET = "backbone.preset"
 SEED = "seed"
+EXPERIMENT_NAME = "name"  # run_experiment.name (the run folder's name)
+OUTPUT_DIR = "output_dir"
+TRAIN_PROGRESS = "train.progress"
+BACKBONE_PREFIX = "backbone."
+DATA_PREFIX = "data."
 
 # --- tags ---------------------------------------------------------------------------------------
 LAYER_RESOLVED = "cameo.layer_resolved"  # tag: the layer name a selector such as `depth:0.5` resolved to
@@ -106,6 +133,10 @@ SWEEP_LABEL = "sweep.label"
 CHECKPOINT_PATH = "checkpoint.path"
 RUN_DIR = "run_dir"
 GPU_TYPE = "gpu_type"
+HOST = "host"
+PYTHON = "python"
+DEVICE = "device"
+GIN_FILES = "gin_files"  # read by the report's sources.json (as a param or a tag)
 
 
 def version_tag(package: str) -> str:
@@ -120,6 +151,7 @@ EVAL_JSON = "eval.json"
 METRICS_FILE = "metrics.jsonl"
 PARAMS_FILE = "params.json"
 STATUS_FILE = "status.json"
+RUN_ID_FILE = "mlflow_run_id"  # in the run folder: the MLflow run a resumed training continues
 ARTIFACT_RAW_CONFIG = "config/raw.gin"
 ARTIFACT_OPERATIVE_CONFIG = "config/operative.gin"
 ARTIFACT_COMMAND = "config/command.json"

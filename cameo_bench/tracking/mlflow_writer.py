@@ -1,4 +1,6 @@
-"""MLflow tracking: the only module that imports mlflow.
+"""Writing runs to an MLflow store: where the store is, creating it, provenance tags, `MlflowTracker`.
+
+`MlflowTracker` is the engine's tracker (the calls of `run_log.RunLog`) mirrored to one MLflow run.
 
 Metrics are buffered and sent with `log_batch` (one `log_metric` per value costs ~25 ms on sqlite),
 flushed at evaluation, at checkpoints and on exit, including on error. A run that dies is marked
@@ -23,10 +25,13 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from cameo_bench.tracking import keys
+from cameo_bench.tracking.key_escape import to_mlflow_key
+
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
-RUN_ID_FILE = "mlflow_run_id"
+RUN_ID_FILE = keys.RUN_ID_FILE
 PACKAGES = ("torch", "diffusers", "timm", "gin-config", "mlflow", "mlflow-skinny", "torchmetrics", "cameo_bench")
-TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")
+TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")  # MLflow run statuses after which a run is over
 MAX_TAG_CHARS = 5000  # MLflow 3 accepts 8000; the rest of a long traceback goes to an artifact
 
 
@@ -68,6 +73,8 @@ def ensure_store(uri: str | None = None) -> str:
 
 
 def get_or_create_experiment(name: str, uri: str | None = None) -> str:
+    """The experiment's id; created with its artifacts under `default_artifact_root` when new
+    (several sweep workers may race to create it: the loser reads the winner's)."""
     uri = uri or default_tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(name)
@@ -86,28 +93,30 @@ def get_or_create_experiment(name: str, uri: str | None = None) -> str:
 
 
 def git_tags(repo: pathlib.Path | None = None) -> dict[str, str]:
+    """The commit a run's code came from, and whether tracked files had uncommitted changes."""
     repo = repo or pathlib.Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, check=True).stdout.strip() != ""
     except (OSError, subprocess.CalledProcessError):
-        return {"git.sha": "unknown", "git.dirty": "unknown"}
-    return {"git.sha": sha, "git.dirty": str(dirty).lower()}
+        return {keys.GIT_SHA: "unknown", keys.GIT_DIRTY: "unknown"}
+    return {keys.GIT_SHA: sha, keys.GIT_DIRTY: str(dirty).lower()}
 
 
 def environment_tags(device: str = "cpu") -> dict[str, str]:
-    tags = {"host": socket.gethostname(), "python": platform.python_version(), "device": device}
+    """Where a run ran and with which package versions, so a result can be traced to its setup."""
+    tags = {keys.HOST: socket.gethostname(), keys.PYTHON: platform.python_version(), keys.DEVICE: device}
     for package in PACKAGES:
         try:
-            tags[f"version.{package}"] = metadata.version(package)
+            tags[keys.version_tag(package)] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
     return tags
 
 
 class MlflowTracker:
-    """Same calls as `cameo_bench.run_log.RunLog`, mirrored to one MLflow run.
+    """Same calls as `cameo_bench.tracking.run_log.RunLog`, mirrored to one MLflow run.
 
     Metrics wait in memory and go out in one `log_batch` per flush: every `flush_every` values,
     whenever an `eval/` metric arrives (an evaluation is a point worth keeping at once), at each
@@ -117,7 +126,7 @@ class MlflowTracker:
 
     def __init__(self, experiment: str, run_name: str, *, run_dir: str | os.PathLike | None = None,
                  uri: str | None = None, parent_run_id: str | None = None, tags: dict[str, str] | None = None,
-                 resume: bool = False, flush_every: int = 200, flush_on: tuple[str, ...] = ("eval/",)):
+                 resume: bool = False, flush_every: int = 200, flush_on: tuple[str, ...] = (keys.EVAL,)):
         self.uri = ensure_store(uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.run_dir = pathlib.Path(run_dir) if run_dir else None
@@ -138,9 +147,9 @@ class MlflowTracker:
                 print(f"warning: run {existing} named in {self.run_dir / RUN_ID_FILE} is not in {self.uri}; "
                       f"starting a new MLflow run", file=sys.stderr)
             experiment_id = get_or_create_experiment(experiment, self.uri)
-            all_tags = {"mlflow.runName": run_name, **git_tags(), **(tags or {})}
+            all_tags = {keys.RUN_NAME: run_name, **git_tags(), **(tags or {})}
             if parent_run_id:
-                all_tags["mlflow.parentRunId"] = parent_run_id
+                all_tags[keys.PARENT_RUN_ID] = parent_run_id
             all_tags = {k: str(v)[:MAX_TAG_CHARS] for k, v in all_tags.items()}
             self.run_id = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
             if self.run_dir:
@@ -214,169 +223,7 @@ class MlflowTracker:
             status = "FAILED"
             error = "; ".join(e for e in (error, f"metrics not stored: {type(err).__name__}: {err}") if e)
         if error:
-            self.set_tags({"error": error})
+            self.set_tags({keys.ERROR: error})
         self.client.set_terminated(self.run_id, status=status)
         if flush_error is not None and not failing:
             raise flush_error
-
-
-# --- reading runs (used by cameo_bench.report) ----------------------------------------------
-# Plain dataclasses, so that the report is written and tested against data, not against mlflow.
-
-from dataclasses import dataclass, field  # noqa: E402
-
-# MLflow accepts only `[/\w.\- :]` in metric names, but the engine's names use "@" and "+"
-# (`attn/<layer>/pck@1/90+`). Escape on the way in, unescape on the way out, so that everything
-# outside this module sees the engine's names.
-_KEY_ESCAPES = (("@", "_at_"), ("+", "_plus"))
-
-
-def to_mlflow_key(key: str) -> str:
-    for raw, escaped in _KEY_ESCAPES:
-        key = key.replace(raw, escaped)
-    return key
-
-
-def from_mlflow_key(key: str) -> str:
-    for raw, escaped in reversed(_KEY_ESCAPES):
-        key = key.replace(escaped, raw)
-    return key
-
-
-@dataclass
-class RunRecord:
-    """One MLflow run as plain data: params and tags are strings, as MLflow stores them;
-    `metrics` maps a key to its history `[(step, value), ...]` sorted by step (the last value
-    logged at a step wins, as in a resumed run that re-evaluates a step)."""
-
-    run_id: str
-    name: str
-    params: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-    metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
-    status: str = "FINISHED"
-    start_time: float | None = None  # seconds since the epoch (MLflow stores milliseconds)
-    end_time: float | None = None
-
-
-def load_runs(experiment_name: str, uri: str | None = None,
-              metric_prefixes: tuple[str, ...] = ("eval/", "attn/")) -> list[RunRecord]:
-    """Every active run of an experiment with the full history of the metrics whose key starts
-    with one of `metric_prefixes` (histories cost one query per key and run: fetch what a
-    report reads, not every `train/*` scalar)."""
-    client = MlflowClient(tracking_uri=uri or default_tracking_uri())
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        names = sorted(e.name for e in client.search_experiments(max_results=1000))
-        raise KeyError(f"no MLflow experiment named {experiment_name!r} at {client.tracking_uri}; found: {names}")
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"],
-                                  max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            break
-    records = []
-    for run in runs:
-        histories = {}
-        for key in sorted(run.data.metrics):
-            if key.startswith(metric_prefixes):
-                by_step = {}
-                for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp)):
-                    by_step[int(m.step)] = float(m.value)
-                histories[from_mlflow_key(key)] = sorted(by_step.items())
-        records.append(RunRecord(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id,
-                                 params=dict(run.data.params), tags=dict(run.data.tags), metrics=histories,
-                                 status=run.info.status,
-                                 start_time=run.info.start_time / 1000 if run.info.start_time else None,
-                                 end_time=run.info.end_time / 1000 if run.info.end_time else None))
-    return records
-
-
-def fetch_artifact(run_id: str, artifact_path: str, dst: str | pathlib.Path, uri: str | None = None) -> pathlib.Path | None:
-    """Copy one logged file of a run to `dst` (a file path); None when the run did not log it
-    (figures are best effort: a run may have been drawn without them)."""
-    import shutil
-    import tempfile
-
-    client = MlflowClient(tracking_uri=uri or default_tracking_uri())
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = client.download_artifacts(run_id, artifact_path, tmp)
-        except Exception:  # noqa: BLE001 - MLflow raises several types for a missing file
-            return None
-        dst = pathlib.Path(dst)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(local, dst)
-    return dst
-
-
-# --- sweep support ---
-# A sweep is one experiment with a parent run and one child run per trial, found again by tags
-# (`sweep.name`, `sweep.role`, `sweep.trial`) so that starting a sweep twice resumes it.
-
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
-
-
-def _tag_filter(tags: dict[str, str]) -> str:
-    return " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
-
-
-def find_runs(experiment: str, tags: dict[str, str], uri: str | None = None) -> list[dict[str, Any]]:
-    """Runs of `experiment` carrying all `tags`, newest first: `{run_id, status, tags}` each."""
-    client = MlflowClient(tracking_uri=uri or default_tracking_uri())
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        return []
-    runs, token = [], None
-    while True:
-        page = client.search_runs([found.experiment_id], _tag_filter(tags), max_results=1000,
-                                  order_by=["attributes.start_time DESC"], page_token=token)
-        runs += [{"run_id": r.info.run_id, "status": r.info.status, "tags": dict(r.data.tags)} for r in page]
-        token = page.token
-        if not token:
-            return runs
-
-
-def start_parent_run(experiment: str, run_name: str, tags: dict[str, str], uri: str | None = None) -> str:
-    """The newest run of `experiment` with `tags`, set RUNNING again, or a new one."""
-    client = MlflowClient(tracking_uri=uri or default_tracking_uri())
-    existing = find_runs(experiment, tags, uri)
-    if existing:
-        run_id = existing[0]["run_id"]
-        client.update_run(run_id, status="RUNNING")
-        return run_id
-    experiment_id = get_or_create_experiment(experiment, uri)
-    all_tags = {"mlflow.runName": run_name, **git_tags(), **tags}
-    return client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
-
-
-def create_failed_run(experiment: str, run_name: str, tags: dict[str, str], error: str,
-                      parent_run_id: str | None = None, uri: str | None = None) -> str:
-    """Record a trial that died before it could open its own run (e.g. its worker crashed)."""
-    client = MlflowClient(tracking_uri=uri or default_tracking_uri())
-    all_tags = {"mlflow.runName": run_name, **tags}
-    if parent_run_id:
-        all_tags["mlflow.parentRunId"] = parent_run_id
-    run_id = client.create_run(get_or_create_experiment(experiment, uri), run_name=run_name, tags=all_tags).info.run_id
-    end_run(run_id, "FAILED", error, uri)
-    return run_id
-
-
-def end_run(run_id: str, status: str, error: str | None = None, uri: str | None = None) -> None:
-    client = MlflowClient(tracking_uri=uri or default_tracking_uri())
-    if error:
-        client.set_tag(run_id, "error", error[:MAX_TAG_CHARS])
-    client.set_terminated(run_id, status=status)
-
-
-def clear_error(run_id: str, uri: str | None = None) -> None:
-    """Drop the `error` tag of a run that is being restarted, so a later success carries no stale error."""
-    client = MlflowClient(tracking_uri=uri or default_tracking_uri())
-    if "error" in client.get_run(run_id).data.tags:
-        client.delete_tag(run_id, "error")
-
-
-def log_run_text(run_id: str, text: str, name: str, uri: str | None = None) -> None:
-    MlflowClient(tracking_uri=uri or default_tracking_uri()).log_text(run_id, text, name)

@@ -1,0 +1,83 @@
+"""Reading runs back from an MLflow store as plain data (`RunRecord`), for the report.
+
+The report is written and tested against these dataclasses, not against mlflow, so its numbers
+can be checked without a store; this module is the one place that turns a store into them.
+"""
+from __future__ import annotations
+
+import pathlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+
+from mlflow.tracking import MlflowClient
+
+from cameo_bench.tracking import keys
+from cameo_bench.tracking.key_escape import from_mlflow_key
+from cameo_bench.tracking.mlflow_writer import default_tracking_uri
+
+
+@dataclass
+class RunRecord:
+    """One MLflow run as plain data: params and tags are strings, as MLflow stores them;
+    `metrics` maps a key to its history `[(step, value), ...]` sorted by step (the last value
+    logged at a step wins, as in a resumed run that re-evaluates a step)."""
+
+    run_id: str
+    name: str
+    params: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    status: str = "FINISHED"
+    start_time: float | None = None  # seconds since the epoch (MLflow stores milliseconds)
+    end_time: float | None = None
+
+
+def load_runs(experiment_name: str, uri: str | None = None,
+              metric_prefixes: tuple[str, ...] = (keys.EVAL, keys.ATTN)) -> list[RunRecord]:
+    """Every active run of an experiment with the full history of the metrics whose key starts
+    with one of `metric_prefixes` (histories cost one query per key and run: fetch what a
+    report reads, not every `train/*` scalar)."""
+    client = MlflowClient(tracking_uri=uri or default_tracking_uri())
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        names = sorted(e.name for e in client.search_experiments(max_results=1000))
+        raise KeyError(f"no MLflow experiment named {experiment_name!r} at {client.tracking_uri}; found: {names}")
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"],
+                                  max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            break
+    records = []
+    for run in runs:
+        histories = {}
+        for key in sorted(run.data.metrics):
+            if from_mlflow_key(key).startswith(metric_prefixes):
+                by_step = {}
+                for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp)):
+                    by_step[int(m.step)] = float(m.value)
+                histories[from_mlflow_key(key)] = sorted(by_step.items())
+        records.append(RunRecord(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id,
+                                 params=dict(run.data.params), tags=dict(run.data.tags), metrics=histories,
+                                 status=run.info.status,
+                                 start_time=run.info.start_time / 1000 if run.info.start_time else None,
+                                 end_time=run.info.end_time / 1000 if run.info.end_time else None))
+    return records
+
+
+def fetch_artifact(run_id: str, artifact_path: str, dst: str | pathlib.Path, uri: str | None = None) -> pathlib.Path | None:
+    """Copy one logged file of a run to `dst` (a file path); None when the run did not log it
+    (figures are best effort: a run may have been drawn without them)."""
+    client = MlflowClient(tracking_uri=uri or default_tracking_uri())
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, artifact_path, tmp)
+        except Exception:  # noqa: BLE001 - MLflow raises several types for a missing file
+            return None
+        dst = pathlib.Path(dst)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(local, dst)
+    return dst
