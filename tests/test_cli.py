@@ -13,8 +13,8 @@ def test_layers_lists_sd21_layer_10_as_the_first_32x32_decoder_attention(capsys)
     assert main(["layers", "mv_unet", "--preset", "sd21", "--image-size", "64"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
     assert len(rows) == 16
-    index, name, kind, heads, head_dim, stride, grid = rows[10]
-    assert (name, kind, heads, head_dim, grid) == ("up.02.attn.00", "cross-view", "10", "64", "32x32")
+    index, name, stage, kind, heads, head_dim, stride, res, grid = rows[10]
+    assert (name, stage, kind, heads, head_dim, grid) == ("up.02.attn.00", "decoder", "cross-view", "10", "64", "32x32")
 
 
 def test_layers_unknown_backbone_lists_valid_names():
@@ -40,3 +40,19 @@ def test_train_reports_gin_typo_with_file_and_exit_code_2(tmp_path, capsys):
     assert main(["train", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err and "wieght" in err and "weight" in err
+
+
+def test_eval_never_deletes_or_changes_the_run_files(tmp_path, capsys):
+    """`cameo-bench eval` only adds eval.json: building the run to evaluate it used to open a fresh
+    run log, which deleted the run's metrics.jsonl."""
+    out = f"run_experiment.output_dir = '{tmp_path}'"
+    assert main(["train", str(REPO / "gin/experiments/smoke.gin"), "--no-progress", "--no-tracking", "--gin_param", out,
+                 "--gin_param", "train.steps = 1", "--gin_param", "eval.every = 0"]) == 0
+    run_dir = tmp_path / "smoke"
+    before = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert pathlib.Path("metrics.jsonl") in before and b"train/loss_diffusion" in before[pathlib.Path("metrics.jsonl")]
+    assert main(["eval", str(run_dir), "--gin_param", "eval.attention = False"]) == 0
+    after = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+    assert set(after) - set(before) == {pathlib.Path("eval.json")}
+    assert {k: after[k] for k in before} == before
+    assert json.loads(after[pathlib.Path("eval.json")])["step"] == 1

@@ -34,12 +34,12 @@ MEAN = [*BASE, "cameo.head = 'mean'"]
 MLP = [*BASE, "cameo.head = 'mlp'", "optim.grad_accum = 2", "cameo.queries_per_view = 8"]
 NAN_STEP, NAN_RANK = 0, 1
 TOL = 1e-5
-# Two parameters only shift every logit of a softmax row by the same amount, which softmax ignores:
-# the key LayerNorm's bias (adds q.b to a query's row) and the MLP head's output bias. Their exact
-# gradient is 0 and the computed one is rounding noise (~1e-9, vs ~1e-2 elsewhere). Adam divides
-# that noise by its own size, so they move by up to ~lr in a direction set by summation order, in
-# any two runs that sum differently, distributed or not. They are compared at lr scale.
-SOFTMAX_INVARIANT = ("attn.norm_k.bias", "head.2.bias")
+# The key LayerNorm's bias only shifts every logit of a softmax row by the same amount (it adds q.b
+# to a query's row), which softmax ignores. Its exact gradient is 0 and the computed one is rounding
+# noise (~1e-9, vs ~1e-2 elsewhere). Adam divides that noise by its own size, so it moves by up to
+# ~lr in a direction set by summation order, in any two runs that sum differently, distributed or
+# not. It is compared at lr scale. (The MLP head's output layer has no bias for the same reason.)
+SOFTMAX_INVARIANT = ("attn.norm_k.bias",)
 
 
 def experiment(out: pathlib.Path, bindings: list[str], steps: int):
@@ -47,16 +47,16 @@ def experiment(out: pathlib.Path, bindings: list[str], steps: int):
     return config.parse([SMOKE], [f"run_experiment.output_dir = '{out}'", *bindings, f"train.steps = {steps}"])
 
 
-def poison(trainer, rank: int | None) -> None:
+def poison(run, rank: int | None) -> None:
     """NaN diffusion loss at NAN_STEP (on `rank` only when given)."""
-    original = trainer.diffusion.training_loss
+    original = run.diffusion.training_loss
 
     def poisoned(*args, **kwargs):
         loss, aux = original(*args, **kwargs)
-        hit = trainer.state.step == NAN_STEP and (rank is None or trainer.dist.rank == rank)
+        hit = run.state.step == NAN_STEP and (rank is None or run.dist.rank == rank)
         return (loss * float("nan") if hit else loss), aux
 
-    trainer.diffusion.training_loss = poisoned
+    run.diffusion.training_loss = poisoned
 
 
 def params_digest(model: torch.nn.Module) -> str:
@@ -71,26 +71,26 @@ def params_digest(model: torch.nn.Module) -> str:
 
 
 def worker(root: pathlib.Path) -> int:
-    from cameo_bench.engine import distributed
+    from cameo_bench.engine import distributed, loop
     from cameo_bench.__main__ import main
-    from cameo_bench.engine.trainer import Trainer
+    from cameo_bench.engine.build import build_run
 
     rank = int(os.environ["RANK"])
-    Trainer(experiment(root / "ddp_mlp", MLP, 3)).fit()
-    Trainer(experiment(root / "ddp_resume", MEAN, 3), resume=True).fit()  # 1 -> 2 ranks
-    trainer = Trainer(experiment(root / "ddp_nan", [*MEAN, "train.nonfinite = 'skip'"], 2))
-    poison(trainer, NAN_RANK)
-    trainer.fit()
+    loop.fit(build_run(experiment(root / "ddp_mlp", MLP, 3)))
+    loop.fit(build_run(experiment(root / "ddp_resume", MEAN, 3), resume=True))  # 1 -> 2 ranks
+    run = build_run(experiment(root / "ddp_nan", [*MEAN, "train.nonfinite = 'skip'"], 2))
+    poison(run, NAN_RANK)
+    loop.fit(run)
     (root / f"done_rank{rank}.json").write_text(json.dumps(
-        {"skipped": trainer.state.skipped_steps, "digest": params_digest(trainer.model)}))
+        {"skipped": run.state.skipped_steps, "digest": params_digest(run.model)}))
 
-    evaluate = Trainer.evaluate
+    evaluate = loop.evaluate_run
 
-    def recorded(self):
+    def recorded(run, *args):
         (root / f"evaluated_rank{rank}").touch()
-        return evaluate(self)
+        return evaluate(run, *args)
 
-    Trainer.evaluate = recorded
+    loop.evaluate_run = recorded
     # MLflow under torchrun is cameo_bench.tracking's to test; here only the run folder is checked
     args = ["train", str(SMOKE), "--no-progress", "--no-tracking",
             "--gin_param", f"run_experiment.output_dir = '{root / 'ddp_cli'}'"]
@@ -117,13 +117,14 @@ if __name__ == "__main__":
 
 def single(out: pathlib.Path, bindings: list[str], steps: int, resume: bool = False, nan: bool = False):
     """A plain one-process run; returns its final parameters."""
-    from cameo_bench.engine.trainer import Trainer
+    from cameo_bench.engine.build import build_run
+    from cameo_bench.engine.loop import fit
 
-    trainer = Trainer(experiment(out, bindings, steps), resume=resume)
+    run = build_run(experiment(out, bindings, steps), resume=resume)
     if nan:
-        poison(trainer, None)
-    trainer.fit()
-    return {k: v.clone() for k, v in trainer.model.state_dict().items()}, trainer
+        poison(run, None)
+    fit(run)
+    return {k: v.clone() for k, v in run.model.state_dict().items()}, run
 
 
 def final_params(out: pathlib.Path) -> dict[str, torch.Tensor]:
@@ -204,8 +205,8 @@ def test_nonfinite_on_one_rank_is_skipped_by_all(runs):
     done = [json.loads((root / f"done_rank{r}.json").read_text()) for r in (0, 1)]
     assert done[0]["digest"] == done[1]["digest"]  # ranks never diverge
     assert done[0]["skipped"] == done[1]["skipped"] == 1
-    params, trainer = ref["nan2"]
-    assert trainer.state.skipped_steps == 1
+    params, run = ref["nan2"]
+    assert run.state.skipped_steps == 1
     assert max_diff(final_params(root / "ddp_nan"), params) < TOL
 
 
@@ -229,26 +230,28 @@ def test_rank_zero_logs_evaluates_and_checkpoints(runs):
 
 
 def test_batch_must_divide_by_world_size(tmp_path, monkeypatch):
-    from cameo_bench.engine import trainer as train
+    from cameo_bench.engine import build, distributed
     from cameo_bench.engine.distributed import DistInfo
 
-    monkeypatch.setattr(train, "init_distributed", lambda device=None: (DistInfo(0, 3, 0), torch.device("cpu")))
-    with pytest.raises(train.ExperimentError, match="batch_size 4 not divisible by world size 3"):
-        train.Trainer(experiment(tmp_path, MEAN, 1))
+    monkeypatch.setattr(distributed, "init_distributed", lambda device=None: (DistInfo(0, 3, 0), torch.device("cpu")))
+    with pytest.raises(build.ExperimentError, match="batch_size 4 not divisible by world size 3"):
+        build.build_run(experiment(tmp_path, MEAN, 1))
 
 
 def test_sample_draws_do_not_depend_on_the_split(tmp_path):
     """The draws of global sample p are the same whether one rank holds positions 0-3 or two
     ranks hold 0-1 and 2-3."""
-    from cameo_bench.engine.trainer import Trainer, collate
+    from cameo_bench.data.batch import collate
+    from cameo_bench.engine.build import build_run
+    from cameo_bench.engine.step import draw
 
-    trainer = Trainer(experiment(tmp_path, MEAN, 1))
-    batch = collate([trainer.train_set[i] for i in range(4)])
-    whole = trainer.draw(batch, 5, range(0, 4))
-    halves = [trainer.draw({**batch, "image": batch["image"][s]}, 5, range(s.start, s.stop))
+    run = build_run(experiment(tmp_path, MEAN, 1))
+    batch = collate([run.train_set[i] for i in range(4)])
+    whole = draw(run, batch, 5, range(0, 4))
+    halves = [draw(run, {**batch, "image": batch["image"][s]}, 5, range(s.start, s.stop))
               for s in (slice(0, 2), slice(2, 4))]
     for name in ("t", "camera_drop", "noise"):
         assert torch.equal(getattr(whole, name), torch.cat([getattr(h, name) for h in halves])), name
-    other = trainer.draw(batch, 6, range(0, 4))
+    other = draw(run, batch, 6, range(0, 4))
     assert not torch.equal(whole.noise, other.noise)
     assert not torch.equal(whole.noise[0], whole.noise[1])

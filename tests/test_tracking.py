@@ -96,6 +96,23 @@ def test_default_store_is_sqlite_in_cwd_with_artifacts_next_to_it(tmp_path, monk
     assert tracking.default_tracking_uri() == "sqlite:////elsewhere/t.db"
 
 
+def test_the_package_exports_every_name_and_a_run_folder_reads_without_mlflow():
+    names = ["default_tracking_uri", "sqlite_path", "default_artifact_root", "ensure_store", "get_or_create_experiment",
+             "git_tags", "environment_tags", "MlflowTracker", "to_mlflow_key", "from_mlflow_key", "RunRecord",
+             "load_runs", "fetch_artifact", "TERMINAL_STATUSES", "find_runs", "start_parent_run", "create_failed_run",
+             "end_run", "clear_error", "log_run_text", "RUN_ID_FILE", "MAX_BATCH", "PACKAGES", "MAX_TAG_CHARS",
+             "RunLog", "read_metrics", "run_label"]
+    assert sorted(names) == tracking.__all__
+    for name in names:
+        assert getattr(tracking, name) is not None, name
+    assert tracking.TERMINAL_STATUSES == ("FINISHED", "FAILED", "KILLED")
+    assert not hasattr(tracking, "TERMINAL")  # it was a second copy of the same tuple
+    code = ("import sys; from cameo_bench import tracking; tracking.read_metrics, tracking.RunLog, tracking.run_label; "
+            "from cameo_bench.tracking import keys, key_escape; print('mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    assert out.strip() == "False"
+
+
 # ---------------------------------------------------------------------------------------------
 # the tracker
 
@@ -257,7 +274,8 @@ def test_train_cli_logs_one_run_and_resume_continues_it(store, calls, tmp_path):
     assert {"train/loss_diffusion", "train/loss_cameo", "train/lr", "eval/psnr", "eval/ssim",
             "attn/supervised/pck_at_1"} <= set(run.data.metrics)
     assert run.data.params["cameo.weight"] == "0.5" and run.data.params["backbone.name"] == "mv_dit"
-    assert run.data.params["cameo.layer_resolved"] != "none"
+    assert run.data.tags["cameo.layer_resolved"] != "none" and "cameo.layer_resolved" not in run.data.params
+    assert run.data.tags["cameo.layer_resolved"] in run.data.tags["attn.layers"].split(",")
     tags = run.data.tags
     assert tags["variant"] == "cameo" and tags["device"] == "cpu" and tags["world_size"] == "1"
     assert pathlib.Path(tags["checkpoint.path"]).is_file()
@@ -296,12 +314,12 @@ def test_train_cli_marks_a_nan_run_failed_and_keeps_its_metrics(store, tmp_path,
 
 
 def test_train_cli_marks_an_error_inside_fit_failed_with_its_traceback(store, tmp_path, monkeypatch):
-    from cameo_bench.engine.trainer import Trainer
+    from cameo_bench.engine import loop
 
-    def explode(self):
+    def explode(run, batches=None):
         raise RuntimeError("evaluation exploded")
 
-    monkeypatch.setattr(Trainer, "evaluate", explode)
+    monkeypatch.setattr(loop, "evaluate_run", explode)
     with pytest.raises(RuntimeError, match="evaluation exploded"):
         train(tmp_path)
     run = only_run(store)
@@ -315,14 +333,14 @@ def test_train_cli_sigterm_flushes_and_marks_the_run_killed(store, tmp_path, mon
     import signal
     import time
 
-    from cameo_bench.engine.trainer import Trainer
+    from cameo_bench.engine import loop
 
-    def terminated(self):
+    def terminated(run, batches=None):
         os.kill(os.getpid(), signal.SIGTERM)  # what Slurm sends at the time limit
         time.sleep(5)  # the handler interrupts this
         raise AssertionError("SIGTERM was not turned into an interrupt")
 
-    monkeypatch.setattr(Trainer, "evaluate", terminated)
+    monkeypatch.setattr(loop, "evaluate_run", terminated)
     assert train(tmp_path) == 143
     run = only_run(store)
     assert run.info.status == "KILLED" and run.data.tags["error"].startswith("Terminated")
@@ -340,12 +358,12 @@ def test_train_cli_config_errors_and_no_tracking(store, tmp_path):
 
 
 def _has_figure_hook():
-    from cameo_bench.engine.trainer import Trainer
+    from cameo_bench.engine import loop
 
-    return hasattr(Trainer, "log_figures")
+    return hasattr(loop, "log_figures")
 
 
-@pytest.mark.skipif(not _has_figure_hook(), reason="the eval-figure hook of cameo_bench/train.py is not applied")
+@pytest.mark.skipif(not _has_figure_hook(), reason="the eval-figure hook of cameo_bench/engine/loop.py is not applied")
 def test_eval_figures_become_run_artifacts(store, tmp_path):
     assert train(tmp_path, "--gin_param", "eval.attention = False") == 0
     run = only_run(store)
@@ -429,17 +447,17 @@ def test_attention_figure_draws_truth_and_peak_where_they_are(tmp_path):
 
 def test_eval_figures_from_a_real_model(tmp_path):
     from cameo_bench import config
-    from cameo_bench.engine.trainer import Trainer
+    from cameo_bench.engine.build import build_run
 
     exp = config.parse([SMOKE], [f"run_experiment.output_dir = '{tmp_path}'", "train.progress = False"])
-    trainer = Trainer(exp)
-    batch = next(trainer.eval_batches())
-    paths = artifacts.eval_figures(trainer.model, trainer.diffusion, batch, tmp_path / "figures",
-                                   layer=trainer.layer, sampler_steps=2, seed=0)
+    run = build_run(exp)
+    batch = next(run.eval_batches())
+    paths = artifacts.eval_figures(run.model, run.diffusion, batch, tmp_path / "figures",
+                                   layer=run.layer, sampler_steps=2, seed=0)
     assert [p.name for p in paths] == ["samples.png", "attention.png"]
     for path in paths:
         assert imread(path).ndim == 3
-    assert trainer.model.training  # left as it was
+    assert run.model.training  # left as it was
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,9 @@ import torch
 from cameo_bench.engine import checkpoint
 from cameo_bench import config
 from cameo_bench.tracking.run_log import read_metrics
-from cameo_bench.engine.trainer import ExperimentError, NonFiniteLossError, Trainer
+from cameo_bench.engine.build import ExperimentError, build_run
+from cameo_bench.engine.loop import fit
+from cameo_bench.engine.step import NonFiniteLossError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SMOKE = REPO / "gin/experiments/smoke.gin"
@@ -27,7 +29,7 @@ def smoke(tmp_path, *bindings):
 @pytest.mark.parametrize("backbone", ["mv_dit", "mv_unet"])
 def test_smoke_run_logs_losses_eval_and_checkpoint(tmp_path, backbone):
     exp = smoke(tmp_path, f"backbone.name = '{backbone}'")
-    metrics = Trainer(exp).fit()
+    metrics = fit(build_run(exp))
     assert "eval/psnr" in metrics and "eval/ssim" in metrics
     assert any(k.startswith("attn/") and k.endswith("/pck@1") for k in metrics)
     history = read_metrics(tmp_path / "smoke")
@@ -38,9 +40,9 @@ def test_smoke_run_logs_losses_eval_and_checkpoint(tmp_path, backbone):
 
 
 def test_baseline_runs_without_tap_or_cameo_loss(tmp_path):
-    trainer = Trainer(smoke(tmp_path, "cameo.weight = 0.0", "eval.every = 0"))
-    assert trainer.cameo_loss is None
-    trainer.fit()
+    run = build_run(smoke(tmp_path, "cameo.weight = 0.0", "eval.every = 0"))
+    assert run.cameo_loss is None and run.layer is None
+    fit(run)
     history = read_metrics(tmp_path / "smoke")
     assert "train/loss_cameo" not in history and len(history["train/loss_diffusion"]) == 4
 
@@ -52,21 +54,21 @@ def test_baseline_runs_without_tap_or_cameo_loss(tmp_path):
 ])
 def test_invalid_values_fail_before_training(tmp_path, binding, message):
     with pytest.raises((ExperimentError, KeyError, ValueError), match=message):
-        Trainer(smoke(tmp_path, binding))
+        build_run(smoke(tmp_path, binding))
     assert not (tmp_path / "smoke" / "checkpoints").exists()
 
 
 def test_nonfinite_loss_stops_with_step_term_and_checkpoint(tmp_path, monkeypatch):
-    trainer = Trainer(smoke(tmp_path, "eval.every = 0", "train.checkpoint_every = 0"))
-    original = trainer.diffusion.training_loss
+    run = build_run(smoke(tmp_path, "eval.every = 0", "train.checkpoint_every = 0"))
+    original = run.diffusion.training_loss
 
     def poisoned(*args, **kwargs):
         loss, aux = original(*args, **kwargs)
-        return loss * float("nan") if trainer.state.step == 2 else loss, aux
+        return loss * float("nan") if run.state.step == 2 else loss, aux
 
-    monkeypatch.setattr(trainer.diffusion, "training_loss", poisoned)
+    monkeypatch.setattr(run.diffusion, "training_loss", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"diffusion.*step 2"):
-        trainer.fit()
+        fit(run)
     assert checkpoint.load(tmp_path / "smoke" / "checkpoints")["step"] == 2
     assert json.loads((tmp_path / "smoke" / "status.json").read_text())["status"] == "FAILED"
 

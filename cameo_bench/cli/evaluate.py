@@ -2,7 +2,8 @@
 
 The run folder holds the operative gin config written at training time, so the experiment (data,
 backbone, diffusion settings) is rebuilt exactly; bindings given here override it (e.g. more
-eval scenes or sampler steps).
+eval scenes or sampler steps). Evaluation only adds `eval.json` (or `--output`): it never deletes
+or truncates anything the training wrote.
 """
 from __future__ import annotations
 
@@ -21,30 +22,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cameo_bench.engine import checkpoint
     from cameo_bench import config
-    from cameo_bench.evaluation.evaluate import evaluate, perturbation_analysis
-    from cameo_bench.engine.trainer import Trainer
+    from cameo_bench.engine import checkpoint
+    from cameo_bench.engine.build import build_run
+    from cameo_bench.engine.loop import evaluate_run
+    from cameo_bench.evaluation.evaluate import perturbation_analysis
+    from cameo_bench.tracking import keys
 
     path = pathlib.Path(args.checkpoint)
     run_dir = path if path.is_dir() else path.parent.parent
-    ckpt_file = path if path.is_file() else run_dir / "checkpoints" / checkpoint.LATEST
-    gin_file = run_dir / "config.gin"
+    ckpt_file = path if path.is_file() else checkpoint.latest_path(run_dir)
+    gin_file = run_dir / keys.RUN_CONFIG
     if not gin_file.exists():
         print(f"error: {gin_file} not found; is {run_dir} a cameo-bench run folder?", file=sys.stderr)
         return 2
     exp = config.parse([gin_file], args.gin_param)
     exp.output_dir, exp.name = str(run_dir.parent), run_dir.name
     exp.train.progress = False
-    trainer = Trainer(exp, resume=False)
-    trainer._load(checkpoint.load(ckpt_file))
-    model = trainer.ema.module if trainer.ema is not None else trainer.model
-    batches = list(trainer.eval_batches())
-    metrics = evaluate(model, trainer.diffusion, batches, exp.eval, seed=exp.seed, supervised_layer=trainer.layer)
+    run = build_run(exp)  # writes nothing: the run folder's log, configs and checkpoints stay as trained
+    checkpoint.load_into(run, checkpoint.load(ckpt_file))
+    batches = list(run.eval_batches())
+    metrics = evaluate_run(run, batches)
     if args.perturb:
-        metrics.update(perturbation_analysis(model, trainer.diffusion, batches, exp.eval, seed=exp.seed))
-    metrics["step"] = trainer.state.step
-    out = pathlib.Path(args.output) if args.output else run_dir / "eval.json"
+        metrics.update(perturbation_analysis(run.eval_model, run.diffusion, batches, exp.eval, seed=exp.seed))
+    metrics["step"] = run.state.step
+    out = pathlib.Path(args.output) if args.output else run_dir / keys.EVAL_JSON
     out.write_text(json.dumps(metrics, indent=1, sort_keys=True))
     print(json.dumps(metrics, indent=1, sort_keys=True))
     return 0

@@ -1,8 +1,9 @@
-"""Atomic, weights-only checkpoints that let `--resume` continue bit-for-bit.
+"""A run's checkpoint: what it holds, and atomic, weights-only files, so `--resume` continues bit-for-bit.
 
-Everything that influences the next step is saved: model, EMA, optimizer, LR schedule, RNG states,
-data position and step. Files are written to a temporary name and renamed, so a kill during the
-write never leaves a truncated checkpoint behind; loading uses `weights_only=True`.
+Everything that influences the next step is saved: model, EMA, CAMEO head, optimizer, LR schedule,
+RNG states, data position and step. Files are written to a temporary name and renamed, so a kill
+during the write never leaves a truncated checkpoint behind; loading uses `weights_only=True`.
+The functions taking `run` read and fill a `cameo_bench.engine.build.Run`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from cameo_bench.engine import distributed
+
 LATEST = "latest.pt"
+FOLDER = "checkpoints"  # inside the run folder
+
+
+def latest_path(run_dir: str | os.PathLike) -> pathlib.Path:
+    """`<run_dir>/checkpoints/latest.pt`: the checkpoint a run writes and `--resume` reads."""
+    return pathlib.Path(run_dir) / FOLDER / LATEST
 
 
 def rng_state() -> dict[str, Any]:
@@ -62,3 +71,48 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt file must be named, not just fail deep inside pickle
         raise RuntimeError(f"checkpoint {path} is unreadable: {err}") from err
+
+
+# ---------------------------------------------------------------------------------------------
+# a run's state
+
+
+def run_payload(run) -> dict[str, Any]:
+    """Everything a resumed `run` needs, as tensors and plain values."""
+    return {
+        "model": run.model.state_dict(),
+        "ema": run.ema.state_dict() if run.ema else None,
+        "cameo_head": run.cameo_loss.state_dict() if run.cameo_loss else None,
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": rng_state(),
+        "step": run.state.step,
+        "world_size": run.dist.world,  # informational: a checkpoint resumes on any world size
+        "data_position": run.state.step * run.exp.data.batch_size,
+        "skipped_steps": run.state.skipped_steps,
+        "train_seconds": run.state.train_seconds,
+        "experiment": run.exp.flat_params(),
+    }
+
+
+def save_run(run) -> pathlib.Path | None:
+    """Rank 0 writes `run.ckpt_path` (parameters are equal on every rank), the others wait; every
+    rank must call it. Returns the path on rank 0, None elsewhere."""
+    path = save(run.ckpt_path, run_payload(run)) if run.dist.is_main else None
+    distributed.barrier()
+    return path
+
+
+def load_into(run, payload: dict[str, Any]) -> None:
+    """Restore `run` (weights, optimizer, schedule, RNG, counters) from a `run_payload`."""
+    run.model.load_state_dict(payload["model"])
+    if run.ema is not None and payload.get("ema") is not None:
+        run.ema.load_state_dict(payload["ema"])
+    if run.cameo_loss is not None and payload.get("cameo_head") is not None:
+        run.cameo_loss.load_state_dict(payload["cameo_head"])
+    run.optimizer.load_state_dict(payload["optimizer"])
+    run.scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"])
+    run.state.step = int(payload["step"])
+    run.state.skipped_steps = int(payload.get("skipped_steps", 0))
+    run.state.train_seconds = float(payload.get("train_seconds", 0.0))

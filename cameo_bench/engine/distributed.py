@@ -1,4 +1,4 @@
-"""torchrun/DDP plumbing, and the three rules that make N ranks train exactly like one process.
+"""torchrun/DDP plumbing: the process group, collectives, and per-sample seeds that make N ranks train like one.
 
 `torchrun --nproc_per_node=N -m cameo_bench train ...` runs the ordinary training loop on every
 rank; each rank takes its slice of the global batch and DDP averages gradients. "Exactly like one
@@ -18,13 +18,14 @@ process with the same global batch" (tests/test_ddp.py checks it to 1e-5) needs:
    pairs), and the number of terms differs between ranks (occlusion decides how many CAMEO pairs a
    scene has). DDP averages gradients, so each rank scales its local mean by
    world * local_count / global_count: the average over ranks is then the mean over the global
-   batch. One all-reduce of a few scalars per loss and micro-step.
+   batch. One all-reduce of a few scalars per loss and micro-step; the CAMEO loss gets its global
+   term counts through the `reduce_term_counts` hook.
 3. Decisions are global. Skipping a non-finite step is decided from an all-reduced flag, never from
    one rank's value; a rank that skipped alone would leave the others waiting in the gradient
    all-reduce forever.
 
 The CAMEO head's parameters live in the same DDP-wrapped module as the backbone
-(`cameo_bench.train.StepModule`) and the loss runs on every rank at every step, so DDP needs no
+(`cameo_bench.engine.build.StepModule`) and the loss runs on every rank at every step, so DDP needs no
 `find_unused_parameters`.
 """
 from __future__ import annotations
@@ -37,8 +38,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-
-from cameo_bench.objectives.alignment import CameoLoss
 
 _UINT64 = (1 << 64) - 1
 # Ranks > 0 wait in a barrier while rank 0 evaluates or writes a checkpoint; NCCL's default 10
@@ -134,22 +133,11 @@ def sample_generators(seed: int, batch_no: int, positions: range | list[int]) ->
 # global normalisation of the CAMEO loss
 
 
-class GlobalCameoLoss(CameoLoss):
-    """`CameoLoss` whose means run over the terms of the whole global batch (rule 2 above).
-
-    The loss is "mean over reference-query terms + mean over target-query terms"; each rank knows
-    only its own term counts. In training mode under DDP the counts are all-reduced and each
-    group's factor becomes world / global_count (DDP's average over ranks then gives the global
-    mean). In eval mode, or in a single process, it is exactly `CameoLoss`. Every rank must call
-    it, at every step, in the same order (it holds a collective).
-    """
-
-    def _plan(self, query_idx, targets, num_ref):
-        groups, counts = super()._plan(query_idx, targets, num_ref)
-        if not (self.training and active()):
-            return groups, counts
-        totals = all_reduce_sum(torch.stack([c.float() for c in counts]))  # [2]: ref, tgt terms
-        world = dist.get_world_size()
-        for group in groups:  # a group is only planned when its local count is > 0
-            group.factor = world / float(totals[group.group])
-        return groups, counts
+def reduce_term_counts(counts: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(global counts [2], world size) from this rank's CAMEO term counts [2] (reference-query
+    terms, target-query terms): the hook `CameoLoss(reduce_counts=...)` calls in training mode, so
+    each group's mean runs over the whole global batch (rule 2 above). Every rank must call it, at
+    every step, in the same order (it is a collective)."""
+    if not active():
+        return counts, 1
+    return all_reduce_sum(counts), dist.get_world_size()

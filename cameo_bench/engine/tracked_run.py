@@ -1,10 +1,27 @@
-"""What one tracked training process needs besides the Trainer, shared by `cameo-bench train` and
-sweep trials: SIGTERM as an interrupt, the run's search tags, and logging gin's operative config
-once it is known. Kept out of the CLI so that the sweep executors do not import a command module.
+"""One tracked training process, the same for `cameo-bench train` and a sweep trial: MLflow run, records, build + fit.
+
+What it adds around `build_run` + `fit`: SIGTERM as an interrupt, the MLflow run (search tags,
+raw and operative gin config, environment, checkpoint path, the resolved and all attention
+layers), the run folder's config and command files, and a failure record (traceback artifact,
+FAILED/KILLED status) whenever the run ends early, in building or in training. Kept out of the
+CLI so that the sweep executors do not import a command module.
 """
 from __future__ import annotations
 
+import contextlib
+import pathlib
+import signal
 import sys
+import threading
+import traceback
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from cameo_bench.config.spec import Experiment, is_baseline
+from cameo_bench.engine.build import Run, build_run, run_dir_of
+from cameo_bench.engine.checkpoint import latest_path
+from cameo_bench.engine.loop import fit, open_log
+from cameo_bench.tracking import keys
 
 
 class Terminated(KeyboardInterrupt):
@@ -16,26 +33,52 @@ def on_sigterm(signum, frame):
     raise Terminated(f"signal {signum}")
 
 
-def run_tags(exp, world_size: int) -> dict[str, str]:
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Turn SIGTERM into `Terminated` while the block runs, if this thread may install handlers and
+    nobody else did; the default is put back afterwards (an in-process sweep trial runs many)."""
+    installed = (threading.current_thread() is threading.main_thread()
+                 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if installed:
+        signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def run_tags(exp: Experiment, world_size: int) -> dict[str, str]:
     """Tags to slice runs by in MLflow's search (params hold the full configuration)."""
     return {
-        "variant": "cameo" if exp.cameo.enabled else "baseline",
-        "backbone": exp.backbone.name,
-        "preset": exp.backbone.preset,
-        "seed": str(exp.seed),
-        "world_size": str(world_size),
-        "command": " ".join(sys.argv)[:1000],
+        keys.VARIANT: "baseline" if is_baseline(exp.cameo.weight, exp.cameo.source) else "cameo",
+        keys.BACKBONE: exp.backbone.name,
+        keys.PRESET: exp.backbone.preset,
+        keys.SEED: str(exp.seed),
+        keys.WORLD_SIZE: str(world_size),
+        keys.COMMAND: " ".join(sys.argv)[:1000],
     }
+
+
+def layer_tags(run: Run) -> dict[str, str]:
+    """The supervised layer (a baseline: the one its `cameo.layer` names, or "none" when that does
+    not resolve) and every attention layer in forward order."""
+    try:
+        resolved = run.shown_layer
+    except (KeyError, ValueError):
+        resolved = "none"
+    return {keys.LAYER_RESOLVED: resolved,
+            keys.ATTN_LAYERS: ",".join(layer.name for layer in run.model.attention_layers())}
 
 
 class OperativeConfigLog:
     """Logs gin's operative config to MLflow once training has taken a step, because gin records
     only the bindings that were used by then; a run that dies earlier still gets it at finish.
 
-    Passed to the Trainer as a tracker: it only listens, so it never fails a run.
+    Passed to `fit` as a tracker: it only listens, so it never fails a run.
     """
 
-    def __init__(self, tracker, operative_config, name: str = "config/operative.gin"):
+    def __init__(self, tracker, operative_config, name: str = keys.ARTIFACT_OPERATIVE_CONFIG):
         self.tracker = tracker
         self.operative_config = operative_config
         self.name = name
@@ -62,3 +105,113 @@ class OperativeConfigLog:
 
     def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
         self._log()
+
+
+@dataclass
+class MlflowRun:
+    """Where a tracked run goes in MLflow: a run of `experiment` (a sweep's trial: a child of its
+    parent run, with the sweep's tags)."""
+
+    experiment: str
+    run_name: str
+    uri: str | None = None
+    parent_run_id: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)  # besides `run_tags`
+    clear_error: bool = False  # a restarted sweep trial must not keep its previous error
+
+
+@dataclass
+class Note:
+    """A text the run keeps twice: as `file` in the run folder and as MLflow artifact `artifact`."""
+
+    file: str
+    artifact: str
+    text: str
+
+
+class TrackedRun:
+    """Build and train `exp`, recorded in MLflow when `mlflow` is given (on this rank).
+
+    `resume` continues the run folder's checkpoint and its MLflow run. After `fit()`, `tracker`
+    is the MLflow tracker (None without one) and `run` the built run (None if building failed).
+    """
+
+    def __init__(self, exp: Experiment, *, resume: bool = False, device=None, mlflow: MlflowRun | None = None,
+                 world_size: int = 1, notes: Sequence[Note] = ()):
+        self.exp = exp
+        self.resume = resume
+        self.device = device
+        self.mlflow = mlflow
+        self.world_size = world_size
+        self.notes = list(notes)
+        self.tracker = None
+        self.run: Run | None = None
+        self.fitting = False  # from here on, `fit` marks the run's end itself
+
+    @property
+    def ckpt_path(self) -> pathlib.Path:
+        return self.run.ckpt_path if self.run is not None else latest_path(run_dir_of(self.exp))
+
+    def _start_tracker(self) -> None:
+        from cameo_bench import config, tracking
+
+        m = self.mlflow
+        self.tracker = tracking.MlflowTracker(
+            m.experiment, m.run_name, run_dir=run_dir_of(self.exp), uri=m.uri, parent_run_id=m.parent_run_id,
+            tags={**run_tags(self.exp, self.world_size), **m.tags}, resume=self.resume)
+        if m.clear_error:
+            tracking.clear_error(self.tracker.run_id, self.tracker.uri)
+        self.tracker.log_text(config.config_str(), keys.ARTIFACT_RAW_CONFIG)
+        for note in self.notes:
+            self.tracker.log_text(note.text, note.artifact)
+        print(f"MLflow run {self.tracker.run_id} in experiment {m.experiment!r} at {self.tracker.uri}",
+              file=sys.stderr)
+
+    def _environment_tags(self, run: Run) -> dict[str, str]:
+        from cameo_bench import tracking
+
+        tags = {**tracking.environment_tags(str(run.device)), keys.CHECKPOINT_PATH: str(run.ckpt_path.absolute()),
+                keys.RUN_DIR: str(run.run_dir.absolute()), **layer_tags(run)}
+        if run.device.type == "cuda":
+            import torch
+
+            tags[keys.GPU_TYPE] = torch.cuda.get_device_name(run.device)
+        return tags
+
+    def fit(self) -> dict[str, float]:
+        """Start the MLflow run, build, train; the final evaluation's metrics (empty on ranks > 0).
+        Any error is recorded in the MLflow run (traceback, FAILED or KILLED), then re-raised."""
+        from cameo_bench import config
+
+        try:
+            if self.mlflow is not None:
+                self._start_tracker()
+            self.run = build_run(self.exp, device=self.device, resume=self.resume)
+            log = open_log(self.run)
+            if log is not None:
+                log.log_text(config.operative_config(), keys.RUN_CONFIG)
+                for note in self.notes:
+                    log.log_text(note.text, note.file)
+            trackers = []
+            if self.tracker is not None:
+                self.tracker.set_tags(self._environment_tags(self.run))
+                # after the MLflow tracker, so that the run is always marked terminated first
+                trackers = [self.tracker, OperativeConfigLog(self.tracker, config.operative_config)]
+            self.fitting = True
+            return fit(self.run, log=log, trackers=trackers)
+        except BaseException as err:
+            self._record_failure(err)
+            raise
+
+    def _record_failure(self, err: BaseException) -> None:
+        if self.tracker is None:
+            return
+        killed = isinstance(err, KeyboardInterrupt)
+        try:
+            if not killed:
+                self.tracker.log_text(traceback.format_exc(), keys.ARTIFACT_ERROR)
+            if not self.fitting:
+                self.tracker.finish("KILLED" if killed else "FAILED", f"{type(err).__name__}: {err}")
+        except Exception as log_err:  # noqa: BLE001 - the original error matters more
+            print(f"warning: could not record the failure in MLflow run {self.tracker.run_id}: {log_err}",
+                  file=sys.stderr)

@@ -13,7 +13,6 @@ import os
 import pathlib
 import sys
 import time
-import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Iterator
 
@@ -23,98 +22,67 @@ from cameo_bench.sweep.results import TrialResult
 def run_trial(payload: dict[str, Any]) -> TrialResult:
     """Train one trial in this process; never raises for a trial error (the result says FAILED).
 
-    It logs what `cameo-bench train` logs (same tags, raw and operative gin config, environment,
-    checkpoint path), plus the sweep tags, and always resumes: a restarted trial continues from
-    its run folder's checkpoint and MLflow run.
+    The trial goes through the same tracked launch as `cameo-bench train` (same tags, raw and
+    operative gin config, environment, checkpoint path, failure record), plus the sweep tags, and
+    always resumes: a restarted trial continues from its run folder's checkpoint and MLflow run.
     """
-    import signal
-    import threading
-
-    from cameo_bench.engine.tracked_run import Terminated, on_sigterm
-
     start = time.perf_counter()
-    uri = payload["tracking_uri"]
-    os.environ["MLFLOW_TRACKING_URI"] = uri
+    os.environ["MLFLOW_TRACKING_URI"] = payload["tracking_uri"]
     if payload.get("threads"):
         import torch
 
         torch.set_num_threads(payload["threads"])
-    installed = (threading.current_thread() is threading.main_thread()
-                 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
-    if installed:
-        signal.signal(signal.SIGTERM, on_sigterm)  # a killed worker's run ends KILLED, not RUNNING forever
-    try:
-        return _run_trial(payload, start, Terminated)
-    finally:
-        if installed:  # an in-process trial (--workers 0, debug executor) must not leave it behind
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from cameo_bench.engine.tracked_run import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # a killed worker's run ends KILLED, not RUNNING forever
+        return _run_trial(payload, start)
 
 
-def _run_trial(payload: dict, start: float, Terminated: type) -> "TrialResult":
-    from cameo_bench import config, tracking
-    from cameo_bench.engine.tracked_run import OperativeConfigLog, run_tags
+def _run_trial(payload: dict, start: float) -> TrialResult:
+    from cameo_bench import config
+    from cameo_bench.engine.tracked_run import MlflowRun, Note, Terminated, TrackedRun
+    from cameo_bench.tracking import keys
 
-    uri = payload["tracking_uri"]
-    run_dir = pathlib.Path(payload["run_dir"])
-    tracker, fitting = None, False
+    tracked = None
 
     def result(status: str, error: str | None = None, metrics: dict | None = None) -> TrialResult:
-        return TrialResult(payload["trial"], status, error, tracker.run_id if tracker else None, dict(metrics or {}),
-                           time.perf_counter() - start)
+        run_id = tracked.tracker.run_id if tracked is not None and tracked.tracker is not None else None
+        return TrialResult(payload["trial"], status, error, run_id, dict(metrics or {}), time.perf_counter() - start)
 
     try:
         exp = config.parse(payload["gin_files"], payload["bindings"])
         exp.train.progress = False  # several trials share one terminal
-        tags = {**run_tags(exp, 1), "sweep.name": payload["sweep"], "sweep.trial": payload["trial"],
-                "sweep.label": payload["label"]}
-        tracker = tracking.MlflowTracker(payload["experiment"], payload["label"], run_dir=run_dir, uri=uri,
-                                         parent_run_id=payload["parent_run_id"], tags=tags, resume=True)
-        tracking.clear_error(tracker.run_id, uri)  # a restarted trial must not keep its old error
-        tracker.log_text(config.config_str(), "config/raw.gin")
-        tracker.log_text(json.dumps(payload, indent=1, default=str), "config/trial.json")
-
-        from cameo_bench.engine.trainer import Trainer
-
-        trainer = Trainer(exp, resume=True, trackers=[tracker, OperativeConfigLog(tracker, config.operative_config)],
-                          device=payload.get("device"))
-        if trainer.log is not None:
-            trainer.log.log_text(config.operative_config(), "config.gin")
-            trainer.log.log_text(json.dumps(payload, indent=1, default=str), "trial.json")
-        tracker.set_tags({**tracking.environment_tags(str(trainer.device)),
-                          "checkpoint.path": str(trainer.ckpt_path.absolute()), "run_dir": str(run_dir.absolute())})
-        tracker.log_params({"cameo.layer_resolved": trainer.layer or "none"})
-        fitting = True  # from here on, Trainer.fit marks the run itself
-        return result("FINISHED", metrics=trainer.fit())
+        mlflow = MlflowRun(payload["experiment"], payload["label"], uri=payload["tracking_uri"],
+                           parent_run_id=payload["parent_run_id"], clear_error=True,
+                           tags={keys.SWEEP_NAME: payload["sweep"], keys.SWEEP_TRIAL: payload["trial"],
+                                 keys.SWEEP_LABEL: payload["label"]})
+        trial = json.dumps(payload, indent=1, default=str)
+        tracked = TrackedRun(exp, resume=True, device=payload.get("device"), mlflow=mlflow,
+                             notes=[Note(keys.RUN_TRIAL, keys.ARTIFACT_TRIAL, trial)])
+        return result("FINISHED", metrics=tracked.fit())
     except Terminated as err:
-        if tracker is not None and not fitting:
-            tracker.finish("KILLED", f"Terminated: {err}")
         return result("KILLED", f"terminated ({err}); restart the sweep to resume from the last checkpoint")
     except Exception as err:  # noqa: BLE001 - a trial's error of any kind is its result
-        error = f"{type(err).__name__}: {err}"
-        if tracker is not None:
-            try:
-                tracker.log_text(traceback.format_exc(), "error.txt")
-                if not fitting:
-                    tracker.finish("FAILED", error)
-            except Exception as log_err:  # noqa: BLE001 - the parent retries marking it
-                print(f"warning: could not record the failure of trial {payload['trial']}: {log_err}", file=sys.stderr)
-        return result("FAILED", error)
+        return result("FAILED", f"{type(err).__name__}: {err}")
 
 
 def ensure_failed_in_store(result: TrialResult, payload: dict[str, Any]) -> None:
     """Make the MLflow record of a failed trial say FAILED, also when its worker died before it
     could (a crash, an out-of-memory kill, a Slurm timeout)."""
     from cameo_bench import tracking
+    from cameo_bench.tracking import keys
+
     uri, error = payload["tracking_uri"], result.error or "failed"
+    trial_tags = {keys.SWEEP_NAME: payload["sweep"], keys.SWEEP_TRIAL: result.trial}
     try:
-        runs = tracking.find_runs(payload["experiment"], {"sweep.name": payload["sweep"], "sweep.trial": result.trial}, uri)
+        runs = tracking.find_runs(payload["experiment"], trial_tags, uri)
         if not runs:
             result.run_id = tracking.create_failed_run(
                 payload["experiment"], payload["label"],
-                {"sweep.name": payload["sweep"], "sweep.trial": result.trial, "sweep.label": payload["label"],
-                 "variant": "baseline" if payload["baseline"] else "cameo"},
+                {**trial_tags, keys.SWEEP_LABEL: payload["label"],
+                 keys.VARIANT: "baseline" if payload["baseline"] else "cameo"},
                 error, payload["parent_run_id"], uri)
-        elif runs[0]["status"] not in tracking.TERMINAL:
+        elif runs[0]["status"] not in tracking.TERMINAL_STATUSES:
             tracking.end_run(runs[0]["run_id"], "FAILED", error, uri)
     except Exception as err:  # noqa: BLE001 - the sweep still reports the failure on the console
         print(f"warning: could not mark trial {result.trial} FAILED in MLflow: {err}", file=sys.stderr)

@@ -9,7 +9,7 @@ out-of-memory part is recorded and the others go on). Directly:
     python tests/benchmarks/gpu_check.py --summarize --out DIR           # -> DIR/gpu_check.{json,md}
     python tests/benchmarks/gpu_check.py --dry-run --part all --out DIR  # micro shapes on CPU (CI)
 
-The training step is the engine's own (`cameo_bench.train.Trainer.train_step`: targets, tap,
+The training step is the engine's own (`cameo_bench.engine.step.train_step`: targets, tap,
 diffusion loss + weight x alignment loss, AdamW), so what is measured is what a run pays. Paper
 scale (cameo_method.md, notes/scale_and_tracking.md §4.1): 4 views (1 reference), batch 3 scenes,
 bf16 autocast with the CAMEO branch in fp32, gradient checkpointing, 64x64x4 latents, so the
@@ -17,7 +17,7 @@ supervised layer sees 32x32 tokens per view (N = 4096): `up.02.attn.00` (layer i
 of the UNet, a middle block of the DiT at patch 2. CAMEO as released: MLP head, every query token,
 lambda 0.02. Latents are random: a VAE would only add a constant cost to both arms.
 
-The CPU benchmarks (test_bench_train_step.py) reuse `build_trainer` and the `tiny` scale, and run
+The CPU benchmarks (test_bench_train_step.py) reuse `build_arm` and the `tiny` scale, and run
 parts in a subprocess to read their peak memory, so CI exercises the code the GPU check runs.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Scale:
     views: int
     batch_size: int
     image_size: int  # pixels of the rendered scenes = latent size when `latent_channels` is set
-    precision: str  # Trainer precision: "bf16" autocast or "fp32"
+    precision: str  # train.precision: "bf16" autocast or "fp32"
     gradient_checkpointing: bool
     latent_channels: int | None  # None: pixel-space diffusion (the CPU presets)
     unet: BackboneChoice
@@ -195,13 +195,13 @@ class WithLatents:
         return self.cache[index]
 
 
-def build_trainer(scale: Scale, backbone: str, cameo: bool, device: str | torch.device, workdir: str | os.PathLike):
-    """The engine's Trainer for one arm: `backbone` is "unet" or "dit", `cameo` False = baseline.
+def build_arm(scale: Scale, backbone: str, cameo: bool, device: str | torch.device, workdir: str | os.PathLike):
+    """The engine's run (`build_run`) for one arm: `backbone` is "unet" or "dit", `cameo` False = baseline.
 
     Only `batch_size` scenes exist, so every step reuses the same (cached) batch and times the
     step, not rendering."""
     from cameo_bench.config.spec import BackboneSpec, CameoSpec, DataSpec, EvalSpec, Experiment, OptimSpec, TrainSpec
-    from cameo_bench.engine.trainer import Trainer
+    from cameo_bench.engine.build import build_run
 
     choice = {"unet": scale.unet, "dit": scale.dit}[backbone]
     exp = Experiment(
@@ -215,15 +215,15 @@ def build_trainer(scale: Scale, backbone: str, cameo: bool, device: str | torch.
         train=TrainSpec(precision=scale.precision, progress=False, checkpoint_every=0),
         eval=EvalSpec(every=0, at_start=False),
     )
-    trainer = Trainer(exp, device=device)
+    run = build_run(exp, device=device)
     if scale.latent_channels is not None:
-        trainer.train_set = WithLatents(trainer.train_set, scale.latent_channels)
-    return trainer
+        run.train_set = WithLatents(run.train_set, scale.latent_channels)
+    return run
 
 
-def describe_trainer(trainer, scale: Scale, backbone: str) -> dict[str, Any]:
+def describe_arm(run, scale: Scale, backbone: str) -> dict[str, Any]:
     choice = {"unet": scale.unet, "dit": scale.dit}[backbone]
-    model = trainer.model
+    model = run.model
     layer = model.get_attention_layer(model.resolve_layer(choice.layer))
     side = scale.image_size // layer.stride
     return dict(
@@ -238,15 +238,17 @@ def describe_trainer(trainer, scale: Scale, backbone: str) -> dict[str, Any]:
 
 def measure_step(scale: Scale, backbone: str, cameo: bool, device: torch.device, workdir) -> dict[str, Any]:
     tic = time.perf_counter()
-    trainer = build_trainer(scale, backbone, cameo, device, workdir)
-    info = describe_trainer(trainer, scale, backbone)
+    from cameo_bench.engine.step import train_step
+
+    run = build_arm(scale, backbone, cameo, device, workdir)
+    info = describe_arm(run, scale, backbone)
     info["build_s"] = round(time.perf_counter() - tic, 2)
     if cameo:
         info["cameo"] = dict(weight=scale.cameo_weight, head=scale.cameo_head, chunk_size=scale.chunk_size,
                              source=scale.source, queries="all")
     step = 0
     for _ in range(scale.warmup):  # first steps: kernels, Adam state, caches
-        trainer.train_step(step)
+        train_step(run, step)
         step += 1
     memory = PeakMemory(device)
     memory.start()
@@ -254,7 +256,7 @@ def measure_step(scale: Scale, backbone: str, cameo: bool, device: torch.device,
     for _ in range(scale.steps):
         _sync(device)
         start = time.perf_counter()
-        metrics = trainer.train_step(step)
+        metrics = train_step(run, step)
         _sync(device)
         seconds.append(time.perf_counter() - start)
         step += 1
@@ -463,7 +465,7 @@ def markdown(summary: dict) -> str:
         f"# CAMEO cost check ({summary['scale']} scale)", "",
         f"{m.get('device_name', '?')} ({m.get('device_memory_gib', '?')} GiB), torch {m.get('torch', '?')}, "
         f"CUDA {m.get('cuda', '-')}, git {summary['git_sha'][:12]}, {summary['date']}.", "",
-        "Training step = `Trainer.train_step` (targets + forward with tap + diffusion loss + lambda x CAMEO loss "
+        "Training step = `engine.step.train_step` (targets + forward with tap + diffusion loss + lambda x CAMEO loss "
         "+ AdamW). Peak = allocator peak during the timed steps; extra = peak minus memory held before them "
         "(weights, optimizer state).", "",
         "| backbone | layer (index), tokens | batch x views | baseline s/step | CAMEO s/step | time ratio "

@@ -90,7 +90,7 @@ if ((DRY_RUN)); then
     exit 0
 fi
 
-"$PY" -c 'import torch, diffusers, timm, einops, backbones, cameo_bench.engine.trainer
+"$PY" -c 'import torch, diffusers, timm, einops, backbones, cameo_bench.engine.build, cameo_bench.engine.step
 print("gpu_check: torch", torch.__version__, "| cuda:", torch.cuda.is_available() and torch.cuda.get_device_name(0))' \
     || { echo "gpu_check: $PY cannot import the project (torch, diffusers, timm, einops): run 'make install' or 'pip install -e .'" >&2; exit 1; }
 

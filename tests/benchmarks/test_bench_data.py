@@ -27,6 +27,7 @@ import torch
 from cameo_bench.correspondence import compute_targets, list_sources
 from cameo_bench.data.batch import collate
 from cameo_bench.data.synthetic import SyntheticScenes
+from cameo_bench.engine.step import train_step
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import gpu_check  # noqa: E402
@@ -52,19 +53,19 @@ def reference(measuring, tmp_path_factory) -> Reference:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # module fixtures run before the per-test one-thread fixture
     try:
-        trainer = gpu_check.build_trainer(scale, "dit", cameo=True, device="cpu",
+        run = gpu_check.build_arm(scale, "dit", cameo=True, device="cpu",
                                           workdir=tmp_path_factory.mktemp("reference_step"))
-        batch = collate([trainer.train_set[i] for i in range(scale.batch_size)])
-        layer = trainer.model.get_attention_layer(trainer.layer)
+        batch = collate([run.train_set[i] for i in range(scale.batch_size)])
+        layer = run.model.get_attention_layer(run.layer)
         V, H, W = batch["image"].shape[1], batch["image"].shape[-2], batch["image"].shape[-1]
         grid = (V, H // layer.stride, W // layer.stride)
         step_s = None
         if measuring:
-            trainer.train_step(0)  # warm-up
+            train_step(run, 0)  # warm-up
             seconds = []
             for step in range(1, 4):
                 start = time.perf_counter()
-                trainer.train_step(step)
+                train_step(run, step)
                 seconds.append(time.perf_counter() - start)
             step_s = statistics.median(seconds)
     finally:

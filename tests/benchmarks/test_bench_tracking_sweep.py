@@ -12,7 +12,8 @@ import pytest
 
 from cameo_bench import config
 from cameo_bench.tracking import MlflowTracker
-from cameo_bench.engine.trainer import Trainer
+from cameo_bench.engine.build import build_run
+from cameo_bench.engine.step import train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -24,10 +25,10 @@ def test_tracking_overhead_per_step(benchmark, tmp_path, measuring, monkeypatch)
         f"run_experiment.output_dir = '{tmp_path}'", "train.progress = False", "eval.every = 0",
         "backbone.overrides = {'patch_size': 4}", "data.num_scenes = 16",
         *([] if measuring else ["backbone.preset = 'micro'", "data.image_size = 16", "data.batch_size = 2"])])
-    trainer = Trainer(exp)
+    run = build_run(exp)
     steps = 6 if measuring else 2
     tic = time.perf_counter()
-    metrics = [trainer.train_step(s) for s in range(steps)]
+    metrics = [train_step(run, s) for s in range(steps)]
     step_seconds = (time.perf_counter() - tic) / steps
 
     tracker = MlflowTracker("bench-tracking", "overhead", uri=f"sqlite:///{tmp_path}/mlflow.db", flush_every=200)

@@ -1,6 +1,6 @@
 """Training step time and peak memory with and without CAMEO, for both tiny presets (CPU).
 
-The step is the engine's (`Trainer.train_step`: targets, tap, diffusion + lambda x alignment loss,
+The step is the engine's (`cameo_bench.engine.step.train_step`: targets, tap, diffusion + lambda x alignment loss,
 AdamW) at the CPU benchmark size: batch 8, 3 views (1 reference), 32x32 pixels, one thread, CAMEO
 as released (MLP head, every query token) on the analogue of the paper's layer 10. The benchmark
 times the CAMEO step; a baseline step runs before every CAMEO round (pytest-benchmark's untimed
@@ -58,19 +58,21 @@ def peak_memory_in_subprocess(part: str, out: pathlib.Path) -> dict:
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
 def test_train_step_with_and_without_cameo(benchmark, measuring, tmp_path, backbone):
     scale = TINY if measuring else SMOKE
-    baseline = gpu_check.build_trainer(scale, backbone, cameo=False, device="cpu", workdir=tmp_path / "baseline")
-    cameo = gpu_check.build_trainer(scale, backbone, cameo=True, device="cpu", workdir=tmp_path / "cameo")
+    from cameo_bench.engine.step import train_step
+
+    baseline = gpu_check.build_arm(scale, backbone, cameo=False, device="cpu", workdir=tmp_path / "baseline")
+    cameo = gpu_check.build_arm(scale, backbone, cameo=True, device="cpu", workdir=tmp_path / "cameo")
     baseline_steps, cameo_steps = itertools.count(), itertools.count()
     baseline_seconds: list[float] = []
     baseline_metrics: dict = {}
 
     def baseline_step():  # runs before each CAMEO round, outside pytest-benchmark's timer
         start = time.perf_counter()
-        baseline_metrics.update(baseline.train_step(next(baseline_steps)))
+        baseline_metrics.update(train_step(baseline, next(baseline_steps)))
         baseline_seconds.append(time.perf_counter() - start)
 
     warmup = 1 if measuring else 0
-    metrics = benchmark.pedantic(lambda: cameo.train_step(next(cameo_steps)), setup=baseline_step,
+    metrics = benchmark.pedantic(lambda: train_step(cameo, next(cameo_steps)), setup=baseline_step,
                                  rounds=ROUNDS if measuring else 1, warmup_rounds=warmup, iterations=1)
 
     # The arms differ by exactly the alignment loss: the CAMEO step computed it, the baseline did not.
@@ -79,7 +81,7 @@ def test_train_step_with_and_without_cameo(benchmark, measuring, tmp_path, backb
     assert "train/loss_cameo" not in baseline_metrics
     assert math.isfinite(baseline_metrics["train/loss_diffusion"])
 
-    info = gpu_check.describe_trainer(cameo, scale, backbone)
+    info = gpu_check.describe_arm(cameo, scale, backbone)
     info["cameo"] = dict(weight=scale.cameo_weight, head=scale.cameo_head, chunk_size=scale.chunk_size,
                          source=scale.source, queries="all")
     if not measuring:

@@ -1,0 +1,176 @@
+"""One optimizer step of a `Run`: noise -> forward with a tap -> diffusion + weight x alignment loss -> update.
+
+Every random draw of a sample comes from a generator seeded by (seed, batch number, position in the
+global batch), so a resumed run replays exactly the draws an uninterrupted run would make, on any
+number of ranks (`cameo_bench.engine.distributed` says how N ranks give one process's parameters).
+A non-finite loss is a global decision: every rank skips the step together, or every rank stops
+after rank 0 wrote a checkpoint of the state before the step.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from backbones import TapRequest
+from cameo_bench.correspondence import compute_targets
+from cameo_bench.data.batch import batch_to, collate
+from cameo_bench.data.loading import batch_indices
+from cameo_bench.engine import checkpoint, distributed
+from cameo_bench.engine.build import Run
+from cameo_bench.tracking import keys
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped on a NaN/inf loss; a checkpoint of the state before the step was written."""
+
+
+@dataclass
+class SampleDraws:
+    """The random inputs of one (micro-)batch shard, drawn per global sample (see `draw`)."""
+
+    generators: list[torch.Generator]  # one per sample, positioned after t, drop and noise
+    t: torch.Tensor  # [B] long
+    camera_drop: torch.Tensor  # [B] bool
+    noise: torch.Tensor  # [B, V, C, h, w]
+
+
+def local_batch(run: Run, batch_no: int) -> tuple[dict, range]:
+    """This rank's slice of global batch `batch_no`, and the slice's positions in it."""
+    data = run.exp.data
+    idx = batch_indices(len(run.train_set), data.batch_size, batch_no, data.seed)
+    per_rank = len(idx) // run.dist.world
+    positions = range(run.dist.rank * per_rank, (run.dist.rank + 1) * per_rank)
+    return batch_to(collate([run.train_set[idx[p]] for p in positions]), run.device), positions
+
+
+def draw(run: Run, batch: dict, batch_no: int, positions: range) -> SampleDraws:
+    """t, camera drop and noise of each sample, from that sample's own generator: the draws of
+    global sample p of batch `batch_no` are the same whichever rank holds it."""
+    generators = distributed.sample_generators(run.exp.seed, batch_no, positions)
+    T, p_drop = run.diffusion.num_train_timesteps, run.diffusion.config.camera_dropout
+    shape = tuple(run.diffusion.to_model_space(batch).shape[1:])  # [V, C, h, w]
+    t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in generators])  # [B]
+    drop = torch.cat([torch.rand(1, generator=g) for g in generators]) < p_drop  # [B]
+    noise = torch.stack([torch.randn(shape, generator=g) for g in generators])  # [B, V, C, h, w]
+    return SampleDraws(generators, t.to(run.device), drop.to(run.device), noise.to(run.device))
+
+
+def select_queries(cameo_loss, targets, num_ref: int, generators: list[torch.Generator]) -> torch.Tensor:  # [B, Qs]
+    """Query sampling per sample, each from its own generator (world-size invariant)."""
+    def sample(b: int):  # the targets of sample b alone, B = 1
+        cost = None if targets.cost is None else targets.cost[b:b + 1]
+        return dataclasses.replace(targets, idx=targets.idx[b:b + 1], weight=targets.weight[b:b + 1],
+                                   valid=targets.valid[b:b + 1], cost=cost)
+
+    return torch.cat([cameo_loss.select_queries(sample(b), num_ref, g) for b, g in enumerate(generators)])
+
+
+@contextlib.contextmanager
+def rng_scope(run: Run, batch_no: int, positions: range):
+    """Anything still drawing from torch's global generator (dropout, a source without its own
+    seed) sees a stream fixed by (seed, batch, shard), not by what ran before."""
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        torch.manual_seed(distributed.sample_seed(run.exp.seed, batch_no, 1 << 32 | positions.start))
+        yield
+
+
+def autocast(run: Run):
+    """bf16 autocast when asked for, or on CUDA with `precision = 'auto'`; fp32 otherwise."""
+    precision = run.exp.train.precision
+    if precision == "bf16" or (precision == "auto" and run.device.type == "cuda"):
+        return torch.autocast(run.device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def layer_grid(run: Run, batch: dict) -> tuple[tuple[int, int, int], int]:
+    """((V, h, w) token grid, stride in image pixels) of the supervised layer on this batch."""
+    layer = run.model.get_attention_layer(run.layer)
+    V, H, W = batch["image"].shape[1], batch["image"].shape[-2], batch["image"].shape[-1]
+    return (V, H // layer.stride, W // layer.stride), layer.stride
+
+
+def train_step(run: Run, step: int) -> dict[str, float]:
+    """One optimizer step over `optim.grad_accum` micro-batches of `data.batch_size` each.
+
+    Every rank must call it for the same step. Returned metrics are this rank's values of the
+    globally normalised losses; `reduce_metrics` averages them over ranks before logging.
+    """
+    exp = run.exp
+    accum = max(exp.optim.grad_accum, 1)
+    world = run.dist.world
+    run.optimizer.zero_grad(set_to_none=True)
+    metrics: dict[str, float] = {}
+    for micro in range(accum):
+        batch_no = step * accum + micro
+        batch, positions = local_batch(run, batch_no)
+        # Gradients are all-reduced once, on the last micro-step.
+        sync = run.ddp_model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with rng_scope(run, batch_no, positions):
+                draws = draw(run, batch, batch_no, positions)
+                tap, targets = None, None
+                if run.cameo_loss is not None:
+                    grid, stride = layer_grid(run, batch)
+                    with torch.no_grad():
+                        targets = compute_targets(exp.cameo.source, batch, grid, stride, **exp.cameo.source_options)
+                    tap = TapRequest(run.layer, select_queries(run.cameo_loss, targets, batch["num_ref"], draws.generators))
+                with autocast(run):
+                    diff_loss, cond_mask, align, diag = run.ddp_model(batch, draws, tap, targets)
+            terms = {"diffusion": diff_loss} if align is None else {"diffusion": diff_loss, "cameo": align}
+            # One all-reduce: the global count of supervised target views, and which terms are
+            # non-finite on any rank (the skip/stop decision must be the same everywhere).
+            local_views = cond_mask.detach().float().sum()
+            flags = torch.stack([(~torch.isfinite(v.detach())).float() for v in terms.values()])
+            reduced = distributed.all_reduce_sum(torch.cat([local_views[None], flags]))
+            for (name, value), bad in zip(terms.items(), reduced[1:]):
+                if bad > 0:
+                    return _nonfinite(run, step, name, value)
+            # DDP averages gradients over ranks: scale the local mean so the average is the
+            # mean over the global batch (identity in one process).
+            terms["diffusion"] = diff_loss * (world * local_views / reduced[0])
+            total = terms["diffusion"] if align is None else terms["diffusion"] + exp.cameo.weight * align
+            (total / accum).backward()
+        for name, value in terms.items():
+            key = keys.train_loss(name)
+            metrics[key] = metrics.get(key, 0.0) + float(value.detach()) / accum
+        metrics.update({keys.cameo_diagnostic(k): float(v) for k, v in diag.items()})
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for g in run.optimizer.param_groups for p in g["params"]], exp.optim.grad_clip or float("inf"))
+    if not torch.isfinite(grad_norm):  # computed from all-reduced gradients: equal on every rank
+        return _nonfinite(run, step, "grad_norm", grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    if run.ema is not None:
+        run.ema.update_parameters(run.model)
+    metrics[keys.GRAD_NORM] = float(grad_norm)
+    metrics[keys.LR] = run.scheduler.get_last_lr()[0]
+    return metrics
+
+
+def _nonfinite(run: Run, step: int, term: str, value: torch.Tensor) -> dict[str, float]:
+    """Skip or stop; every rank gets here together (the decision was all-reduced)."""
+    if run.exp.train.nonfinite == "skip":
+        run.optimizer.zero_grad(set_to_none=True)
+        run.state.skipped_steps += 1
+        return {keys.SKIPPED_STEPS: float(run.state.skipped_steps)}
+    path = checkpoint.save_run(run)  # the weights, optimizer and RNG are still those before the step
+    value = float(value.detach())
+    seen = f"{value}" if run.dist.world == 1 else f"on some of {run.dist.world} ranks; {value} here"
+    raise NonFiniteLossError(
+        f"non-finite {term} loss ({seen}) at step {step}; state before this step saved to "
+        f"{path or run.ckpt_path}. Lower optim.lr, raise optim.warmup_steps, or set train.nonfinite = 'skip'.")
+
+
+def reduce_metrics(run: Run, metrics: dict[str, float]) -> dict[str, float]:
+    """Means over ranks (the losses are globally normalised, so their mean is the global value);
+    CAMEO pair counts are summed. Every rank must call it with the same keys."""
+    if run.dist.world == 1:
+        return metrics
+    names = sorted(metrics)
+    values = distributed.all_reduce_sum(torch.tensor([metrics[k] for k in names], dtype=torch.float64,
+                                                     device=run.device))
+    return {k: float(v) if k in keys.SUMMED_OVER_RANKS else float(v) / run.dist.world
+            for k, v in zip(names, values.tolist())}
