@@ -4,27 +4,13 @@ import `config.spec` without loading gin.
 """
 from __future__ import annotations
 
-import importlib
+from cameo_bench.lazy import exports
 
-# name -> submodule: imported on first use, so importing one part does not load the others
+# submodule -> the names it provides; each submodule is imported on first use of one of its names
 _EXPORTS = {
-    'parse': 'gin_root',
-    'ConfigError': 'gin_root',
-    'operative_config': 'gin_root',
-    'config_str': 'gin_root',
-    'run_experiment': 'gin_root',
-    'SECTIONS': 'gin_root',
-    'parse_sweep': 'sweep_file',
-    'SWEEP_PARAMS': 'sweep_file',
-    'SWEEP_REQUIRED': 'sweep_file',
-    'Experiment': 'spec',
-    'SpecError': 'spec',
-    'is_baseline': 'spec',
+    'gin_root': ('parse', 'ConfigError', 'operative_config', 'config_str', 'run_experiment', 'SECTIONS'),
+    'sweep_file': ('parse_sweep', 'SWEEP_PARAMS', 'SWEEP_REQUIRED'),
+    'spec': ('Experiment', 'SpecError', 'is_baseline'),
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

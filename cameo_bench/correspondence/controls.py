@@ -42,17 +42,8 @@ def shuffle_targets(targets: CorrespondenceTargets, seed: int) -> Correspondence
 
 
 @register_source("shuffled", requires=(DEPTH_KEYS,))
-def shuffled_source(
-    batch,
-    grid,
-    stride,
-    *,
-    seed: int = 0,
-    mode: str = "center",
-    k: int = 4,
-    min_visible: float = 0.5,
-    rel_tol: float = 0.02,
-) -> CorrespondenceTargets:
+def shuffled_source(batch, grid, stride, *, seed: int = 0, mode: str = "center", k: int = 4,
+                    min_visible: float = 0.5, rel_tol: float = 0.02) -> CorrespondenceTargets:
     """`depth` targets permuted among the valid queries of the same key view (control).
 
     `seed` fixes the generator: the permutation is a function of the batch's validity pattern,

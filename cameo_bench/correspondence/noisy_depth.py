@@ -89,10 +89,7 @@ def perturb_poses(cam2world: torch.Tensor, *, rot_deg: float, trans: float, gene
 
 @register_source("noisy_depth", requires=(DEPTH_KEYS,))
 def noisy_depth_source(
-    batch,
-    grid,
-    stride,
-    *,
+    batch, grid, stride, *,
     noise: float = 0.05,
     scale: float | None = None,
     shift: float | None = None,

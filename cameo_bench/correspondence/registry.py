@@ -88,13 +88,9 @@ def register_source(
     return decorator
 
 
-def list_sources() -> list[str]:
-    return SOURCES.list()
-
-
-def get_source(name: str) -> Source:
-    """The source registered as `name`; `UnknownNameError` (a KeyError) lists the valid ones."""
-    return SOURCES.get(name)
+# The registry's own lookups; `get_source` raises `UnknownNameError` (a KeyError) listing the valid names.
+list_sources = SOURCES.list
+get_source = SOURCES.get
 
 
 def _check_grid(batch: Mapping[str, torch.Tensor], grid: tuple[int, int, int], stride: int) -> None:

@@ -138,13 +138,20 @@ def assemble(
     if cost is not None:
         out_cost = cost.new_full((V, V, B, T), float("inf"))
         out_cost[vi, vj] = rearrange(cost, "b p t -> p b t")
-        out_cost = rearrange(out_cost, "vi vj b t -> b (vi t) vj")
+    pair_major = "vi vj b t"  # the scatter above indexes (query view, key view) first
+    return _pack(out_idx, out_w, out_valid, out_cost, grid, pair_major)
+
+
+def _pack(idx, weight, valid, cost, grid, layout: str) -> CorrespondenceTargets:
+    """Per-pair tensors laid out as `layout` (plus a trailing k on idx/weight) -> the view-major
+    CorrespondenceTargets layout [B, (V h w), V(, k)]."""
+    to_targets = f"{layout} -> b (vi t) vj"
     return CorrespondenceTargets(
-        idx=rearrange(out_idx, "vi vj b t k -> b (vi t) vj k"),
-        weight=rearrange(out_w, "vi vj b t k -> b (vi t) vj k"),
-        valid=rearrange(out_valid, "vi vj b t -> b (vi t) vj"),
-        grid=(V, h, w),
-        cost=out_cost,
+        idx=rearrange(idx, f"{layout} k -> b (vi t) vj k"),
+        weight=rearrange(weight, f"{layout} k -> b (vi t) vj k"),
+        valid=rearrange(valid, to_targets),
+        grid=tuple(grid),
+        cost=None if cost is None else rearrange(cost, to_targets),
     )
 
 
@@ -173,14 +180,8 @@ def assemble_all_pairs(
         weight = torch.where(valid[..., None], weight, torch.zeros_like(weight))
     idx = idx * valid[..., None]  # integer: exact, and cheaper than `where`
     if cost is not None:
-        cost = rearrange(cost.masked_fill(~off_diagonal, float("inf")), "b vi vj t -> b (vi t) vj")
-    return CorrespondenceTargets(
-        idx=rearrange(idx, "b vi vj t k -> b (vi t) vj k"),
-        weight=rearrange(weight, "b vi vj t k -> b (vi t) vj k"),
-        valid=rearrange(valid, "b vi vj t -> b (vi t) vj"),
-        grid=(V, h, w),
-        cost=cost,
-    )
+        cost = cost.masked_fill(~off_diagonal, float("inf"))
+    return _pack(idx, weight, valid, cost, grid, "b vi vj t")
 
 
 def empty_targets(batch_size: int, grid: tuple[int, int, int], k: int = 1, device=None) -> CorrespondenceTargets:

@@ -43,14 +43,9 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from backbones.interface import TapResult
+from cameo_bench.config.spec import HEADS, KEY_VIEWS, LOSSES, NORMALIZATIONS, QUERY_VIEWS, TARGETS
 from cameo_bench.correspondence.targets import CorrespondenceTargets
 
-HEADS = ("mean", "linear", "mlp", "per_head")
-NORMALIZATIONS = ("per_view", "global")
-TARGETS = ("onehot_per_view", "onehot_global", "soft")
-LOSSES = ("ce", "kl", "l1")
-QUERY_VIEWS = ("references", "targets", "both")
-KEY_VIEWS = ("all_but_self", "references")
 QUERY_SAMPLING = ("all", "per_view")
 BACKWARD_MODES = ("fused", "checkpoint", "autograd")
 

@@ -3,32 +3,14 @@
 """
 from __future__ import annotations
 
-import importlib
+from cameo_bench.lazy import exports
 
-# name -> submodule: imported on first use, so importing one part does not load the others
+# submodule -> the names it provides; each submodule is imported on first use of one of its names
 _EXPORTS = {
-    'SweepError': 'grid',
-    'SweepSpec': 'grid',
-    'Trial': 'grid',
-    'Plan': 'grid',
-    'load': 'grid',
-    'validate': 'grid',
-    'expand': 'grid',
-    'plan': 'grid',
-    'describe': 'grid',
-    'trial_id': 'grid',
-    'resolve_gin_file': 'grid',
-    'EXECUTORS': 'grid',
-    'REPO': 'grid',
-    'TrialResult': 'results',
-    'payload': 'runner',
-    'run': 'runner',
-    'failure_report': 'runner',
+    'grid': ('SweepError', 'SweepSpec', 'Trial', 'Plan', 'load', 'validate', 'expand', 'plan', 'describe',
+             'trial_id', 'resolve_gin_file', 'EXECUTORS', 'REPO'),
+    'results': ('TrialResult',),
+    'runner': ('payload', 'run', 'failure_report'),
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -8,42 +8,18 @@ Names resolve lazily so that reading a run folder, or importing `keys` or `label
 """
 from __future__ import annotations
 
-import importlib
+from cameo_bench.lazy import exports
 
-# name -> submodule: imported on first use, so importing one part does not load the others
+# submodule -> the names it provides; each submodule is imported on first use of one of its names
 _EXPORTS = {
-    'default_tracking_uri': 'mlflow_writer',
-    'sqlite_path': 'mlflow_writer',
-    'default_artifact_root': 'mlflow_writer',
-    'ensure_store': 'mlflow_writer',
-    'get_or_create_experiment': 'mlflow_writer',
-    'git_tags': 'mlflow_writer',
-    'environment_tags': 'mlflow_writer',
-    'MlflowTracker': 'mlflow_writer',
-    'TERMINAL_STATUSES': 'mlflow_writer',
-    'RUN_ID_FILE': 'mlflow_writer',
-    'MAX_BATCH': 'mlflow_writer',
-    'PACKAGES': 'mlflow_writer',
-    'MAX_TAG_CHARS': 'mlflow_writer',
-    'to_mlflow_key': 'key_escape',
-    'from_mlflow_key': 'key_escape',
-    'RunRecord': 'mlflow_reader',
-    'load_runs': 'mlflow_reader',
-    'fetch_artifact': 'mlflow_reader',
-    'find_runs': 'sweep_runs',
-    'start_parent_run': 'sweep_runs',
-    'create_failed_run': 'sweep_runs',
-    'end_run': 'sweep_runs',
-    'clear_error': 'sweep_runs',
-    'log_run_text': 'sweep_runs',
-    'run_label': 'labels',
-    'RunLog': 'run_log',
-    'read_metrics': 'run_log',
+    'mlflow_writer': ('default_tracking_uri', 'sqlite_path', 'default_artifact_root', 'ensure_store',
+                      'get_or_create_experiment', 'git_tags', 'environment_tags', 'MlflowTracker',
+                      'TERMINAL_STATUSES', 'RUN_ID_FILE', 'MAX_BATCH', 'PACKAGES', 'MAX_TAG_CHARS'),
+    'key_escape': ('to_mlflow_key', 'from_mlflow_key'),
+    'mlflow_reader': ('RunRecord', 'load_runs', 'fetch_artifact'),
+    'sweep_runs': ('find_runs', 'start_parent_run', 'create_failed_run', 'end_run', 'clear_error', 'log_run_text'),
+    'labels': ('run_label',),
+    'run_log': ('RunLog', 'read_metrics'),
 }
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = exports(__name__, _EXPORTS)
+__all__ = sorted(name for names in _EXPORTS.values() for name in names)

@@ -36,17 +36,19 @@ def cameo_diagnostic(name: str) -> str:
 
 
 # --- evaluation -------------------------------------------------------------------------------
+
+
+def eval_metric(name: str) -> str:
+    """`eval/<name>` for a per-image metric (psnr, ssim, lpips_vgg, ...)."""
+    return f"eval/{name}"
+
+
 PSNR = "eval/psnr"
 SSIM = "eval/ssim"
 LPIPS_VGG = "eval/lpips_vgg"
 LPIPS_ALEX = "eval/lpips_alex"
 CONSISTENCY = "eval/consistency_l1"
 CONSISTENCY_GT = "eval/consistency_l1_gt"
-
-
-def eval_metric(name: str) -> str:
-    """`eval/<name>` for a per-image metric (psnr, ssim, lpips_vgg, ...)."""
-    return f"eval/{name}"
 
 
 def eval_by_bin(name: str, bin_name: str) -> str:
@@ -144,6 +146,13 @@ def version_tag(package: str) -> str:
 
 
 # --- files (run folder and MLflow artifacts) ---------------------------------------------------
+
+
+def figures_folder(step: int) -> str:
+    """`figures/step_0000250`: where the figures of one evaluation go."""
+    return f"figures/step_{step:07d}"
+
+
 RUN_CONFIG = "config.gin"  # operative gin config in the run folder
 RUN_COMMAND = "command.json"
 RUN_TRIAL = "trial.json"
@@ -162,7 +171,3 @@ ARTIFACT_SWEEP_TRIALS = "sweep/trials.json"
 SAMPLES_FIGURE = "samples.png"
 ATTENTION_FIGURE = "attention.png"
 
-
-def figures_folder(step: int) -> str:
-    """`figures/step_0000250`: where the figures of one evaluation go."""
-    return f"figures/step_{step:07d}"
