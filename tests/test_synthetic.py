@@ -2,6 +2,8 @@
 projection and reprojection in float64, and photo-consistency across views."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -333,3 +335,30 @@ def test_bad_arguments_raise():
         SyntheticScenes(2, 3, 16, 10.0, 0)[2]
     with pytest.raises(ValueError, match="inside objects"):
         SceneConfig(placement_radius=3.5)
+
+
+def test_references_at_the_ends_of_the_arc_reorder_the_same_cameras():
+    """`reference_placement='ends'`: the cameras are those of the plain orbit, views reordered to
+    (first, last, the ones between), so the two references bracket every target in azimuth."""
+    plain = SyntheticScenes(2, 4, 16, 20.0, 3, num_ref=1)
+    ends = SyntheticScenes(2, 4, 16, 20.0, 3, num_ref=2, reference_placement="ends")
+    for i in range(2):
+        a, b = plain.scene(i).cam2world, ends.scene(i).cam2world
+        assert torch.equal(b, a[[0, 3, 1, 2]])
+    item = ends[0]
+    assert item["num_ref"] == 2
+    centre = lambda v: item["cam2world"][v, :2, 3]  # noqa: E731 (x, y) of the camera centre
+    azimuth = [math.degrees(math.atan2(float(centre(v)[1]), float(centre(v)[0]))) for v in range(4)]
+    steps = [((azimuth[v] - azimuth[0]) % 360) for v in (2, 3, 1)]
+    assert steps == pytest.approx([20.0, 40.0, 60.0], abs=1e-3)
+    with pytest.raises(ValueError, match="num_ref=2"):
+        SyntheticScenes(2, 4, 16, 20.0, 3, num_ref=1, reference_placement="ends")
+    with pytest.raises(ValueError, match="reference_placement"):
+        SyntheticScenes(2, 4, 16, 20.0, 3, num_ref=2, reference_placement="middle")
+
+
+def test_the_spec_offers_the_reference_placements_the_scenes_accept():
+    from cameo_bench.config import spec
+    from cameo_bench.data import synthetic
+
+    assert spec.REFERENCE_PLACEMENTS == synthetic.REFERENCE_PLACEMENTS

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 DATA_KINDS = ("synthetic", "folder")
+REFERENCE_PLACEMENTS = ("first", "ends")  # data/synthetic.py keeps the same tuple (a test checks they agree)
 PREDICTION_TYPES = ("v_prediction", "epsilon")
 BETA_SCHEDULES = ("scaled_linear", "squaredcos_cap_v2")  # squaredcos_cap_v2 is the cosine schedule
 HEADS = ("mean", "linear", "mlp", "per_head")
@@ -175,6 +176,10 @@ class DataSpec(_Checked):
     num_ref: int = knob(1, integer(0))  # views are ordered references first
     image_size: int = knob(32, integer(1))
     azimuth_step_deg: float = knob(30.0, number())
+    # synthetic only: 'first' = references are the first views of the orbit (targets extrapolate),
+    # 'ends' = the 2 references bracket the targets (interpolation; data/synthetic.py says why)
+    reference_placement: str = knob("first", one_of(*REFERENCE_PLACEMENTS))
+    scene_options: dict[str, Any] = knob(check=mapping, factory=dict)  # synthetic only: SceneConfig fields
     seed: int = knob(0, integer())
     batch_size: int = knob(8, integer(1))
 

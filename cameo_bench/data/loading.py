@@ -22,9 +22,11 @@ def build_datasets(data: DataSpec):
     if data.kind == "synthetic":
         from cameo_bench.data.synthetic import SyntheticScenes
 
-        train = SyntheticScenes(data.num_scenes, data.num_views, data.image_size, data.azimuth_step_deg, data.seed)
+        options = dict(num_ref=data.num_ref, reference_placement=data.reference_placement, **data.scene_options)
+        train = SyntheticScenes(data.num_scenes, data.num_views, data.image_size, data.azimuth_step_deg, data.seed,
+                                **options)
         held_out = SyntheticScenes(data.num_eval_scenes, data.num_views, data.image_size, data.azimuth_step_deg,
-                                   data.seed + EVAL_SEED_OFFSET)
+                                   data.seed + EVAL_SEED_OFFSET, **options)
         return train, held_out
     if data.kind == "folder":
         from cameo_bench.data.scene_dataset import SceneFolderDataset

@@ -43,6 +43,10 @@ _ROOM_NORMALS = torch.tensor(  # inward-facing, indexed by face id
     [[1.0, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]]
 )
 
+# Where the references sit on the orbit arc: "first" = the first num_ref views (the targets extrapolate
+# away from them); "ends" = the two ends of the arc (num_ref = 2), the targets interpolate between them.
+REFERENCE_PLACEMENTS = ("first", "ends")
+
 # Texture kinds. The first two repeat (a match is ambiguous up to the period); the rest do not.
 TEXTURES = ("checker", "stripes", "noise", "noise_ramp", "blobs")
 REPETITIVE = (0, 1)
@@ -177,14 +181,18 @@ def sample_scene(
     azimuth_step_deg: float | None,
     camera_mode: str = "orbit",
     config: SceneConfig = SceneConfig(),
+    reference_placement: str = "first",
 ) -> Scene:
     """Draw scene `index` from its own generator, `torch.Generator().manual_seed(seed + index)`.
 
     Scene draws have a size fixed by num_objects[1] and camera draws come last, so the number of
-    views or the camera mode never changes the scene content.
+    views or the camera mode never changes the scene content. `reference_placement` only reorders
+    the views along the orbit arc (see `SyntheticScenes`), so it never changes the cameras drawn.
     """
     if camera_mode not in ("orbit", "random"):
         raise ValueError(f"camera_mode must be 'orbit' or 'random', got {camera_mode!r}")
+    if reference_placement not in REFERENCE_PLACEMENTS:
+        raise ValueError(f"reference_placement must be one of {list(REFERENCE_PLACEMENTS)}, got {reference_placement!r}")
     if camera_mode == "orbit" and azimuth_step_deg is None:
         raise ValueError("camera_mode='orbit' needs azimuth_step_deg")
     cfg = config
@@ -251,6 +259,9 @@ def sample_scene(
         radius = radius0 + jitter_r
     else:
         azimuth, elevation, radius = random_az, random_el, random_r
+    if reference_placement == "ends":  # views 0 and 1 are the arc's two ends, the targets lie between
+        order = np.array([0, V - 1, *range(1, V - 1)])
+        azimuth, elevation, radius = azimuth[order], elevation[order], radius[order]
     az, el = np.deg2rad(azimuth), np.deg2rad(elevation)
     target = np.array([0.0, 0.0, cfg.target_height])
     eye = target + radius[:, None] * np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1)
@@ -559,6 +570,11 @@ class SyntheticScenes(Dataset):
     Item i is a deterministic function of (seed + i) and the arguments; nothing is stored.
     `azimuth_step_deg` is the azimuth change between consecutive views (the baseline knob);
     `camera_mode="random"` places every view at a random azimuth/elevation/radius instead.
+    `reference_placement="ends"` (with num_ref=2) puts the two references at the ends of the orbit
+    arc and the targets between them: interpolation, where most of every target is seen by some
+    reference (on 32 px scenes at 20 degree steps the depth-warp oracle reaches ~22.7 dB against
+    ~15.7 dB for the best trivial predictor, vs 18.6 vs 15.6 dB when one reference extrapolates
+    30 and 60 degrees: there most of a target is unseen, so no model can beat the floors by much).
     Extra keyword arguments are `SceneConfig` fields.
     """
 
@@ -572,6 +588,7 @@ class SyntheticScenes(Dataset):
         *,
         num_ref: int = 1,
         camera_mode: str = "orbit",
+        reference_placement: str = "first",
         render_batch_size: int | None = None,
         **scene_options: Any,
     ) -> None:
@@ -590,6 +607,10 @@ class SyntheticScenes(Dataset):
         self.seed = int(seed)
         self.num_ref = int(num_ref)
         self.camera_mode = camera_mode
+        if reference_placement == "ends" and (num_ref != 2 or camera_mode != "orbit"):
+            raise ValueError("reference_placement='ends' puts the 2 references at the ends of the orbit arc: "
+                             f"it needs num_ref=2 and camera_mode='orbit', got num_ref={num_ref}, {camera_mode!r}")
+        self.reference_placement = reference_placement
         # Default: about 64k rays per render call. Fewer means Python overhead dominates, more
         # means the per-slot intersection tensors fall out of cache (measured on one thread).
         rays_per_scene = self.num_views * self.image_size[0] * self.image_size[1]
@@ -612,6 +633,7 @@ class SyntheticScenes(Dataset):
             azimuth_step_deg=self.azimuth_step_deg,
             camera_mode=self.camera_mode,
             config=self.config,
+            reference_placement=self.reference_placement,
         )
 
     def render_scenes(self, indices: Sequence[int]) -> dict[str, Any]:
