@@ -7,6 +7,8 @@ the logits the forward saw without an N x N map ever being stored by the backbon
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -23,21 +25,30 @@ def multiview_attention(
     cross_view: bool,
     layer_name: str,
     state: TapState | None,
+    upcast: bool = False,
 ) -> torch.Tensor:  # [B, H, N, d]
+    """`upcast` (SD's `upcast_attention`, set by SD-2.x configs) computes attention in float32
+    whatever the input precision, autocast included; the output returns to the input dtype and
+    the tap hands out the float32 q and k that SDPA used. A no-op on float32 inputs."""
     num_views, h, w = grid
     B, H, N, d = q.shape
     if N != num_views * h * w:
         raise ValueError(f"{layer_name}: {N} tokens do not match grid {grid}")
     scale = d**-0.5
+    dtype = v.dtype
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
 
-    if state is not None and state.perturb.get(layer_name) == "identity":
-        out = v  # attention replaced by identity: each token keeps its own value
-    elif cross_view:
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    else:
-        qv, kv, vv = (rearrange(t, "b H (v n) d -> (b v) H n d", v=num_views) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(qv, kv, vv, scale=scale)  # [(B V), H, hw, d]
-        out = rearrange(out, "(b v) H n d -> b H (v n) d", v=num_views)
+    with torch.autocast(device_type=q.device.type, enabled=False) if upcast else contextlib.nullcontext():
+        if state is not None and state.perturb.get(layer_name) == "identity":
+            out = v  # attention replaced by identity: each token keeps its own value
+        elif cross_view:
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        else:
+            qv, kv, vv = (rearrange(t, "b H (v n) d -> (b v) H n d", v=num_views) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(qv, kv, vv, scale=scale)  # [(B V), H, hw, d]
+            out = rearrange(out, "(b v) H n d -> b H (v n) d", v=num_views)
+    out = out.to(dtype)
 
     if state is not None and state.request is not None and state.request.layer == layer_name:
         # The gather runs again when gradient checkpointing recomputes this layer, even though the

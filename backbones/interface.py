@@ -13,10 +13,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from backbones.camera import camera_conditioning
 from backbones.selectors import UnknownLayerError, select_layer
 
 __all__ = [  # UnknownLayerError is re-exported: backbones and tests import it from here
-    "PERTURBATIONS", "AttentionLayer", "BackboneOutput", "MultiViewBackbone", "TapRequest", "TapResult",
+    "PERTURBATIONS", "QK_NORM_KEYS", "AttentionLayer", "BackboneOutput", "MultiViewBackbone", "TapRequest", "TapResult",
     "TapState", "UnknownLayerError",
 ]
 
@@ -99,19 +100,87 @@ class TapState:
 
 
 PERTURBATIONS = ("identity",)
+QK_NORM_KEYS = (".norm_q.weight", ".norm_q.bias", ".norm_k.weight", ".norm_k.bias")  # both backbones' names
 
 
 class MultiViewBackbone:
-    """Mixin with the shared parts of the contract; concrete classes also subclass
-    diffusers `ModelMixin` + `ConfigMixin` and implement `forward`, `attention_layers` and
-    `attention_module`.
+    """Mixin with the shared parts of the contract, listed FIRST in a backbone's bases
+    (`class B(MultiViewBackbone, ModelMixin, ConfigMixin)`), so that its `forward` wins over
+    `nn.Module`'s placeholder.
+
+    `forward` is a template: it checks the inputs, the tap and the perturbations, builds the
+    per-forward `TapState` and the camera signal, and calls the backbone's `_denoise`. A backbone
+    implements `_denoise`, `size_multiple`, `attention_layers` and `attention_module`, and, to be
+    initialised from a foreign checkpoint, `_from_foreign` (see `from_source`).
 
     `per_view_config` holds the config overrides under which every attention layer is per-view
     (the "no 3D attention" ablation); the registry-wide contract tests build it to check that
-    nothing outside attention mixes views.
+    nothing outside attention mixes views. `init_overridable` names the constructor fields an
+    initialised model may take from a preset or an override (its multi-view parts); all others
+    come from the source checkpoint.
     """
 
     per_view_config: ClassVar[dict[str, Any] | None] = None
+    init_overridable: ClassVar[tuple[str, ...]] = ()
+
+    def forward(
+        self,
+        x_t: torch.Tensor,  # [B, V, C, H, W]
+        t: torch.Tensor,  # [B], one timestep per scene
+        *,
+        cam2world: torch.Tensor,  # [B, V, 4, 4]
+        intrinsics: torch.Tensor,  # [B, V, 3, 3], pixels of this H x W input grid
+        cond_mask: torch.Tensor,  # [B, V], 0 = reference, 1 = target
+        tap: TapRequest | None = None,
+        perturb: dict[str, str] | None = None,
+    ) -> BackboneOutput:
+        self.check_forward_inputs(x_t, t, cam2world, intrinsics, cond_mask)
+        self.check_tap_and_perturb(tap, perturb)
+        B, V, _, H, W = x_t.shape
+        state = TapState(num_views=V, request=tap, perturb=dict(perturb or {}))
+        # the camera signal at the input grid: each backbone brings it to its own token grid
+        cam = camera_conditioning(intrinsics, cam2world, cond_mask, H, W).to(x_t.dtype)  # [B, V, 7, H, W]
+        sample = self._denoise(x_t, t, cam, state)  # [B, V, C_out, H, W]
+        return BackboneOutput(sample=sample, tap=state.result)
+
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, cam: torch.Tensor, state: TapState) -> torch.Tensor:
+        """x_t [B, V, C, H, W], t [B], cam [B, V, 7, H, W] -> sample [B, V, C_out, H, W]; the
+        attention layers read the tap request and perturbations from `state` and write the tap."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def size_multiple(self) -> tuple[int, str]:
+        """(m, why): H and W of x_t must be multiples of m, for the reason `why` names."""
+        return 1, "no constraint"
+
+    @classmethod
+    def from_source(
+        cls, path: str, *, defaults: dict[str, Any] | None = None, defaults_from: str = "", **overrides: Any
+    ):
+        """Build this backbone from a checkpoint and load its weights (`create_backbone(...,
+        init_from=path)`): a folder written by this class's `save_pretrained`, or the foreign
+        format(s) the backbone's `_from_foreign` reads. The architecture comes from the source;
+        `defaults` (a preset's multi-view fields, named by `defaults_from`) and `overrides` may
+        set only `init_overridable` fields, and an override of any other field must equal the
+        source's value. Errors name the file and the first missing/unexpected keys.
+        """
+        from backbones import checkpoints
+
+        return checkpoints.from_source(cls, path, defaults or {}, defaults_from, overrides)
+
+    @classmethod
+    def fresh_keys_ok(cls, config: dict[str, Any], source_config: dict[str, Any]) -> tuple[str, ...]:
+        """Key suffixes an initialised model may lack in its source (they keep their init): the
+        q/k norms when `qk_norm` is turned on over a source without them. Fresh LayerNorms are
+        not a no-op (they change SD's output by ~5%), hence initialising defaults to no q/k norm
+        and turning it on warns."""
+        return QK_NORM_KEYS if config.get("qk_norm") and not source_config.get("qk_norm") else ()
+
+    @classmethod
+    def _from_foreign(cls, path, defaults: dict[str, Any], defaults_from: str, overrides: dict[str, Any]):
+        """Initialise from a checkpoint that is not this class's own save_pretrained folder."""
+        from backbones import checkpoints
+
+        raise checkpoints.wrong_kind_error(checkpoints.read_source(path), cls, expected="save_pretrained")
 
     def attention_layers(self) -> list[AttentionLayer]:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -172,7 +241,7 @@ class MultiViewBackbone:
         return select_layer(self.attention_layers(), selector, input_stride)
 
     def check_forward_inputs(self, x_t, t, cam2world, intrinsics, cond_mask) -> None:
-        """The shape contract of `forward`, shared by every backbone; each adds its own size rule."""
+        """The shape contract of `forward`, shared by every backbone, plus its `size_multiple`."""
         if x_t.ndim != 5:
             raise ValueError(f"x_t must have shape [B, V, C, H, W], got {tuple(x_t.shape)}")
         B, V, C, H, W = x_t.shape
@@ -182,6 +251,9 @@ class MultiViewBackbone:
         for key, value in zip(expected, (t, cam2world, intrinsics, cond_mask)):
             if tuple(value.shape) != expected[key]:
                 raise ValueError(f"{key} must have shape {list(expected[key])}, got {list(value.shape)}")
+        multiple, why = self.size_multiple()
+        if H % multiple or W % multiple:
+            raise ValueError(f"x_t size {H}x{W} must be divisible by {multiple} ({why})")
 
     def check_tap_and_perturb(self, tap: TapRequest | None, perturb: dict | None) -> None:
         names = self.layer_names()

@@ -4,7 +4,10 @@ Each view's x_t is patchified together with its 7 camera channels (Plücker rela
 reference camera + the reference/target mask), the views' tokens are concatenated view-major and
 every block runs self-attention over all of them through `backbones.attention.multiview_attention`
 (the DiT analogue of CAT3D's 3D attention). Reads top-down like DiT's `models.py`: embedders, the
-attention, the block, the final layer, the model, its initialisation, then the presets.
+attention, the block, the final layer, the model, its initialisation, then the presets. Weight
+names follow DiT where they can (`blocks.N.adaLN_modulation`, `mlp.fc1`, `final_layer`), so
+`create_backbone("mv_dit", init_from=DIT_CHECKPOINT)` (mapping in `backbones.init_dit`) loads a
+facebookresearch/DiT checkpoint with a handful of renames.
 """
 from __future__ import annotations
 
@@ -25,18 +28,18 @@ from timm.layers import Mlp, PatchEmbed
 from torch import nn
 
 from backbones.attention import multiview_attention
-from backbones.camera import camera_conditioning
-from backbones.interface import (
-    AttentionLayer,
-    BackboneOutput,
-    MultiViewBackbone,
-    TapRequest,
-    TapState,
-    UnknownLayerError,
-)
+from backbones.interface import AttentionLayer, MultiViewBackbone, TapState, UnknownLayerError
 from backbones.registry import register_backbone
 
 CAMERA_CHANNELS = 7  # Plücker (6) + reference/target mask (1), see backbones.camera
+
+
+def sincos_2d(dim: int, h: int, w: int, base_grid: int, device=None) -> torch.Tensor:  # [h*w, D], row-major
+    """DiT's fixed 2D sincos positions (MAE's: sin|cos of y in the first half of the channels, of x
+    in the second); at the `base_grid` the positions are the integer token coordinates, equal to
+    the `pos_embed` DiT stores, to the bit; other grids are stretched to span the base grid."""
+    emb = get_2d_sincos_pos_embed(dim, (h, w), base_size=base_grid, device=device, output_type="pt")
+    return emb.float()
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-class MultiViewDiT(ModelMixin, ConfigMixin, MultiViewBackbone):
+class MultiViewDiT(MultiViewBackbone, ModelMixin, ConfigMixin):
     """DiT over all views' tokens, timestep-conditioned by adaLN-Zero, cameras as input channels.
 
     Cameras enter by concatenating the 7 camera channels to x_t before one shared patch embed,
@@ -144,6 +147,9 @@ class MultiViewDiT(ModelMixin, ConfigMixin, MultiViewBackbone):
 
     _supports_gradient_checkpointing = True
     per_view_config = {"cross_view": False}
+    # what a preset or an override may set on a model initialised from a checkpoint (an override
+    # may also set `num_heads`, which no shape tells, and `sample_size`: see backbones.init_dit)
+    init_overridable = ("cross_view", "qk_norm", "view_embed", "max_views", "pos_embed")
 
     @register_to_config
     def __init__(
@@ -242,11 +248,10 @@ class MultiViewDiT(ModelMixin, ConfigMixin, MultiViewBackbone):
         return self.blocks[self.attention_names.index(name)].attn
 
     # ---- forward -----------------------------------------------------------------------------------
+    sincos_positions = staticmethod(sincos_2d)  # for initialisers, which must not import this module
+
     def _sincos_2d(self, h: int, w: int, device=None) -> torch.Tensor:  # [h*w, D], row-major
-        emb = get_2d_sincos_pos_embed(
-            self.config.hidden_size, (h, w), base_size=self.base_grid, device=device, output_type="pt"
-        )
-        return emb.float()
+        return sincos_2d(self.config.hidden_size, h, w, self.base_grid, device)
 
     def _positions(self, h: int, w: int, device) -> torch.Tensor:  # [h*w, D]
         if self.pos_embedding is None:
@@ -268,33 +273,15 @@ class MultiViewDiT(ModelMixin, ConfigMixin, MultiViewBackbone):
             return get_1d_sincos_pos_embed_from_grid(self.config.hidden_size, index, output_type="pt").float()
         return None
 
-    def _check_inputs(self, x_t, t, cam2world, intrinsics, cond_mask) -> None:
-        self.check_forward_inputs(x_t, t, cam2world, intrinsics, cond_mask)
-        H, W = x_t.shape[-2:]
-        p = self.config.patch_size
-        if H % p or W % p:
-            raise ValueError(f"x_t size {H}x{W} is not divisible by patch_size {p}")
+    def size_multiple(self) -> tuple[int, str]:
+        return self.config.patch_size, f"patch_size {self.config.patch_size}"
 
-    def forward(
-        self,
-        x_t: torch.Tensor,  # [B, V, C, H, W]
-        t: torch.Tensor,  # [B], one timestep per scene
-        *,
-        cam2world: torch.Tensor,  # [B, V, 4, 4]
-        intrinsics: torch.Tensor,  # [B, V, 3, 3], pixels of the H x W input
-        cond_mask: torch.Tensor,  # [B, V], 0 = reference, 1 = target
-        tap: TapRequest | None = None,
-        perturb: dict[str, str] | None = None,
-    ) -> BackboneOutput:
-        self._check_inputs(x_t, t, cam2world, intrinsics, cond_mask)
-        self.check_tap_and_perturb(tap, perturb)
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, cam: torch.Tensor, state: TapState) -> torch.Tensor:
         B, V, C, H, W = x_t.shape
         p = self.config.patch_size
         h, w = H // p, W // p
         grid = (V, h, w)
-        state = TapState(num_views=V, request=tap, perturb=dict(perturb or {}))
 
-        cam = camera_conditioning(intrinsics, cam2world, cond_mask, H, W).to(x_t.dtype)  # [B, V, 7, H, W]
         x = rearrange(torch.cat([x_t, cam], dim=2), "b v c h w -> (b v) c h w")  # [(B V), C+7, H, W]
         x = self.patch_embed(x) + self._positions(h, w, x.device).to(x.dtype)  # [(B V), h*w, D]
         x = rearrange(x, "(b v) n d -> b v n d", b=B)
@@ -310,10 +297,16 @@ class MultiViewDiT(ModelMixin, ConfigMixin, MultiViewBackbone):
             else:
                 x = block(x, c, grid, state)  # [B, N, D]
         x = self.final_layer(x, c)  # [B, N, p*p*C_out]
-        sample = rearrange(
+        return rearrange(
             x, "b (v h w) (p q c) -> b v c (h p) (w q)", v=V, h=h, w=w, p=p, q=p
         )  # [B, V, C_out, H, W]
-        return BackboneOutput(sample=sample, tap=state.result)
+
+    # ---- DiT-checkpoint initialisation (mapping in backbones.init_dit) ------------------------------
+    @classmethod
+    def _from_foreign(cls, path, defaults, defaults_from, overrides) -> "MultiViewDiT":
+        from backbones import init_dit
+
+        return init_dit.from_dit_checkpoint(cls, path, defaults, defaults_from, overrides)
 
 
 # Presets are data: the micro/tiny/small ones work in pixel space on CPU, the DiT sizes on latents.

@@ -6,31 +6,31 @@ re-implementation CAMEO trains on (MVGenMaster). Text cross-attention is removed
 per-view Plücker raymaps + the reference/target mask, either through a zero-initialised conv
 encoder added after `conv_in` (the official recipe, default) or concatenated to the input (the
 CAT3D paper). The stock `UNet2DConditionModel` builds the blocks and keeps SD weight names, so
-`from_sd_checkpoint` can load a Stable-Diffusion UNet folder by renaming nothing.
+`from_sd_checkpoint` (behind `create_backbone("mv_unet", init_from=FOLDER)`, mapping in
+`backbones.init_sd_unet`) loads a Stable-Diffusion UNet folder by renaming nothing.
+`input_patch` > 1 runs the UNet on a pixel-unshuffled grid (the CPU analogue of a latent grid).
 """
 from __future__ import annotations
 
-import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin, UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
 from einops import rearrange
 from torch import nn
 
 from backbones.attention import multiview_attention
-from backbones.camera import CameraEncoder, camera_conditioning
-from backbones.interface import AttentionLayer, BackboneOutput, MultiViewBackbone, TapRequest, TapState
-from backbones.registry import UnknownNameError, register_backbone
+from backbones.camera import CameraEncoder
+from backbones.interface import AttentionLayer, MultiViewBackbone, TapState
+from backbones.registry import get_backbone_spec, register_backbone
 
 CAMERA_CHANNELS = 7  # 6 Plücker + 1 reference/target mask
 # attn2 is built only because diffusers 0.42.1 raises on cross_attention_dim=None; it is deleted
 # right after construction, so the width is irrelevant (kept small to save memory).
 _DUMMY_CROSS_ATTENTION_DIM = 8
-_TEXT_ATTENTION = re.compile(r"\.transformer_blocks\.\d+\.(attn2|norm2)\.")  # resnets have a norm2 too
 
 PRESETS = {
     # unit tests: per-view top level (16 px) and a 3D lower level, so both kinds are exercised
@@ -69,7 +69,7 @@ class _ForwardContext:
     """
 
     state: TapState
-    height: int  # input H, W in pixels: a layer's grid is (H / stride, W / stride)
+    height: int  # input H, W in pixels of x_t: a layer's grid is (H / stride, W / stride)
     width: int
 
 
@@ -105,7 +105,7 @@ class MultiViewAttnProcessor:
             q, k = attn.norm_q(q), attn.norm_k(k)
         out = multiview_attention(
             q, k, v, grid=(num_views, h, w), cross_view=self.cross_view,
-            layer_name=self.layer_name, state=mv_context.state,
+            layer_name=self.layer_name, state=mv_context.state, upcast=attn.upcast_attention,
         )  # [B, H, V*h*w, d]
         out = rearrange(out, "b H (v n) d -> (b v) n (H d)", v=num_views)
         return attn.to_out[1](attn.to_out[0](out))  # linear, dropout
@@ -119,15 +119,22 @@ def _per_level(value, levels: int, key: str) -> tuple:
 
 
 @register_backbone("mv_unet", presets=PRESETS, default_preset="tiny")
-class MultiViewUNet(ModelMixin, ConfigMixin, MultiViewBackbone):
+class MultiViewUNet(MultiViewBackbone, ModelMixin, ConfigMixin):
     """CAT3D-style UNet: SD blocks, 3D self-attention below the top level, camera raymaps.
 
     Per-level config lists run from the top (full resolution) level down; the mid block follows the
     lowest level's `cross_view_levels` entry. `num_heads` is the number of heads per level (the
-    value SD configs store under the misleading name `attention_head_dim`).
+    value SD configs store under the misleading name `attention_head_dim`). `upcast_attention`
+    computes attention in float32 under bf16/fp16 (SD-2.x configs set it). `input_patch` = p > 1
+    pixel-unshuffles x_t by p before `conv_in` and pixel-shuffles the output back, so every level
+    runs on a p-times smaller grid (attention strides are p * 2**level); the camera raymap is still
+    built at the input resolution and the camera encoder strides it down to the first grid.
     """
 
     _supports_gradient_checkpointing = True
+    # a model initialised from a checkpoint takes these from a preset or an override (the rest
+    # comes from the SD config: see backbones.init_sd_unet)
+    init_overridable = ("cross_view_levels", "qk_norm", "camera_injection", "camera_hidden", "dropout")
     per_view_config = {"cross_view_levels": False}  # every level, and the mid block, per-view
 
     @register_to_config
@@ -146,6 +153,8 @@ class MultiViewUNet(ModelMixin, ConfigMixin, MultiViewBackbone):
         camera_hidden: int = 32,
         use_linear_projection: bool = True,
         dropout: float = 0.0,
+        upcast_attention: bool = False,
+        input_patch: int = 1,
     ):
         super().__init__()
         levels = len(block_out_channels)
@@ -161,12 +170,15 @@ class MultiViewUNet(ModelMixin, ConfigMixin, MultiViewBackbone):
                 raise ValueError(f"num_heads[{level}]={n_heads} does not divide {channels} channels")
         if camera_injection not in ("add", "concat"):
             raise ValueError(f"camera_injection must be 'add' or 'concat', got {camera_injection!r}")
+        if not isinstance(input_patch, int) or input_patch < 1:
+            raise ValueError(f"input_patch must be a positive integer, got {input_patch!r}")
 
         out_channels = in_channels if out_channels is None else out_channels
+        p2 = input_patch**2  # pixel_unshuffle folds each p x p patch into the channels
         self.unet = UNet2DConditionModel(
             sample_size=None,
-            in_channels=in_channels + (CAMERA_CHANNELS if camera_injection == "concat" else 0),
-            out_channels=out_channels,
+            in_channels=(in_channels + (CAMERA_CHANNELS if camera_injection == "concat" else 0)) * p2,
+            out_channels=out_channels * p2,
             down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention_levels),
             up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in attention_levels[::-1]),
             block_out_channels=tuple(block_out_channels),
@@ -176,19 +188,21 @@ class MultiViewUNet(ModelMixin, ConfigMixin, MultiViewBackbone):
             norm_num_groups=norm_num_groups,
             use_linear_projection=use_linear_projection,
             dropout=dropout,
+            upcast_attention=upcast_attention,
         )
         self.camera_encoder = (
-            CameraEncoder(CAMERA_CHANNELS, block_out_channels[0], downsample=1, hidden=camera_hidden)
+            CameraEncoder(CAMERA_CHANNELS, block_out_channels[0], downsample=input_patch, hidden=camera_hidden)
             if camera_injection == "add" else None
         )
-        self._layers, self._layer_paths = self._inflate_attention(heads, cross_view_levels, qk_norm)
+        self._layers, self._layer_paths = self._inflate_attention(heads, cross_view_levels, qk_norm, input_patch)
 
-    def _inflate_attention(self, heads, cross_view_levels, qk_norm):
+    def _inflate_attention(self, heads, cross_view_levels, qk_norm, input_patch):
         """Drop text cross-attention, add q/k norm, install the multi-view processor per layer.
 
         Names follow forward execution order (resnet -> attention inside each block; down, mid,
         up), which is also the order of `attentions[j].transformer_blocks[t]` inside a block.
-        Stages follow the blocks: down = `encoder`, mid = `mid`, up = `decoder`.
+        Stages follow the blocks: down = `encoder`, mid = `mid`, up = `decoder`. A level's stride
+        in input pixels is input_patch * 2**level.
         """
         levels = len(heads)
         sites = [(f"down.{i:02d}", f"unet.down_blocks.{i}", i, "encoder") for i in range(levels)]
@@ -208,10 +222,11 @@ class MultiViewUNet(ModelMixin, ConfigMixin, MultiViewBackbone):
                         attn.norm_q, attn.norm_k = nn.LayerNorm(head_dim), nn.LayerNorm(head_dim)
                     name = f"{prefix}.attn.{j:02d}"
                     cross_view = bool(cross_view_levels[level])
-                    attn.set_processor(MultiViewAttnProcessor(name, cross_view, stride=2**level))
+                    stride = input_patch * 2**level
+                    attn.set_processor(MultiViewAttnProcessor(name, cross_view, stride=stride))
                     layers.append(AttentionLayer(
                         name=name, cross_view=cross_view, num_heads=attn.heads, head_dim=head_dim,
-                        stride=2**level, index=len(layers), stage=stage,
+                        stride=stride, index=len(layers), stage=stage,
                     ))
                     paths[name] = f"{block_path}.attentions.{a}.transformer_blocks.{t}.attn1"
                     j += 1
@@ -226,32 +241,25 @@ class MultiViewUNet(ModelMixin, ConfigMixin, MultiViewBackbone):
         self.get_attention_layer(name)  # raises with the valid names
         return self.get_submodule(self._layer_paths[name])
 
-    def forward(
-        self,
-        x_t: torch.Tensor,  # [B, V, C, H, W]
-        t: torch.Tensor,  # [B], one timestep per scene
-        *,
-        cam2world: torch.Tensor,  # [B, V, 4, 4]
-        intrinsics: torch.Tensor,  # [B, V, 3, 3], pixels of this H x W
-        cond_mask: torch.Tensor,  # [B, V], 0 = reference, 1 = target
-        tap: TapRequest | None = None,
-        perturb: dict[str, str] | None = None,
-    ) -> BackboneOutput:
-        self._check_inputs(x_t, t, cam2world, intrinsics, cond_mask)
-        self.check_tap_and_perturb(tap, perturb)
+    def size_multiple(self) -> tuple[int, str]:
+        p, levels = self.config.input_patch, len(self.config.block_out_channels)
+        return p * 2 ** (levels - 1), f"input_patch {p} x one halving per level below the top"
+
+    def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, cam: torch.Tensor, state: TapState) -> torch.Tensor:
         B, V, _, H, W = x_t.shape
-        state = TapState(num_views=V, request=tap, perturb=dict(perturb or {}))
+        p = self.config.input_patch
         kwargs = {"mv_context": _ForwardContext(state, H, W)}
         unet = self.unet
 
-        cam = camera_conditioning(intrinsics, cam2world, cond_mask, H, W).to(x_t.dtype)  # [B, V, 7, H, W]
-        cam = rearrange(cam, "b v c h w -> (b v) c h w")
+        cam = rearrange(cam, "b v c h w -> (b v) c h w")  # [(B V), 7, H, W]
         x = rearrange(x_t, "b v c h w -> (b v) c h w")
         if self.camera_encoder is None:
             x = torch.cat([x, cam], dim=1)  # [(B V), C + 7, H, W]
-        sample = unet.conv_in(x)  # [(B V), C0, H, W]
+        if p > 1:
+            x = F.pixel_unshuffle(x, p)  # [(B V), C p^2, H/p, W/p]
+        sample = unet.conv_in(x)  # [(B V), C0, H/p, W/p]
         if self.camera_encoder is not None:
-            sample = sample + self.camera_encoder(cam)
+            sample = sample + self.camera_encoder(cam)  # rays at H x W, strided down to H/p x W/p
 
         t = t.to(x_t.device).repeat_interleave(V)  # [(B V)]: the scene's timestep for each view
         temb = unet.time_embedding(unet.time_proj(t).to(x_t.dtype))  # [(B V), 4 C0]
@@ -271,84 +279,35 @@ class MultiViewUNet(ModelMixin, ConfigMixin, MultiViewBackbone):
                                cross_attention_kwargs=kwargs)
             else:
                 sample = block(hidden_states=sample, temb=temb, res_hidden_states_tuple=res)
-        sample = unet.conv_out(unet.conv_act(unet.conv_norm_out(sample)))  # [(B V), C_out, H, W]
+        sample = unet.conv_out(unet.conv_act(unet.conv_norm_out(sample)))  # [(B V), C_out p^2, H/p, W/p]
+        if p > 1:
+            sample = F.pixel_shuffle(sample, p)  # [(B V), C_out, H, W]
+        return rearrange(sample, "(b v) c h w -> b v c h w", v=V)
 
-        sample = rearrange(sample, "(b v) c h w -> b v c h w", v=V)
-        return BackboneOutput(sample=sample, tap=state.result)
-
-    def _check_inputs(self, x_t, t, cam2world, intrinsics, cond_mask) -> None:
-        self.check_forward_inputs(x_t, t, cam2world, intrinsics, cond_mask)
-        H, W = x_t.shape[-2:]
-        factor = 2 ** (len(self.config.block_out_channels) - 1)
-        if H % factor or W % factor:
-            raise ValueError(f"x_t spatial size {H}x{W} must be divisible by {factor} (one halving per level)")
-
-    # ---- Stable Diffusion initialisation ------------------------------------------------------
+    # ---- Stable Diffusion initialisation (mapping and checks in backbones.init_sd_unet) ------------
     @classmethod
-    def from_sd_checkpoint(cls, local_folder: str | Path, preset: str = "sd21", **overrides) -> "MultiViewUNet":
-        """Build `preset` (+ overrides) and load a local Stable-Diffusion UNet into it.
+    def from_sd_checkpoint(cls, local_folder: str | Path, preset: str | None = None, **overrides) -> "MultiViewUNet":
+        """Build from a local Stable-Diffusion UNet folder (a UNet folder, or a pipeline folder with
+        `unet/`) and load its weights; what `create_backbone("mv_unet", preset, init_from=...)` does.
 
-        Attention is "inflated" to 3D by the processor alone, so every pretrained weight is reused
-        as is. Text cross-attention weights (attn2/norm2) are dropped; q/k norms and the camera
-        encoder keep their init (the encoder's last conv is zero, so it starts as a no-op). With
-        concat injection the pretrained conv_in kernel fills the first input channels and the 7
-        camera channels start at zero. Either way cameras start with no effect; with every level
-        per-view and `qk_norm=False` the model then computes exactly the pretrained UNet per view
-        (tested), while 3D levels and fresh q/k norms are what fine-tuning has to adapt to.
+        The architecture (channels, levels, heads, norm groups, linear projection,
+        `upcast_attention`) comes from its config.json; `preset` contributes only its multi-view
+        fields (`init_overridable`), and overrides may set those. Attention is "inflated" to 3D by
+        the processor alone, so every pretrained weight is reused as is; text cross-attention
+        (attn2/norm2) is dropped. New parts start as identities: the camera encoder's last conv is
+        zero (concat injection: the 7 camera input channels of conv_in are zero), and there are
+        no q/k norms unless `qk_norm=True` is asked for (fresh LayerNorms are not a no-op: they
+        change SD's output by ~5%; a warning says so). With one view the model then computes
+        exactly the stock UNet with its cross-attention outputs zeroed (tests/test_pretrained_unet.py).
         """
-        if preset not in PRESETS:
-            raise UnknownNameError("mv_unet preset", preset, list(PRESETS))
-        model = cls(**{**PRESETS[preset], **overrides})
-        pretrained = _load_sd_unet_state_dict(Path(local_folder))
-        pretrained = {k: v for k, v in pretrained.items() if not _TEXT_ATTENTION.search(k)}
-        own = model.unet.state_dict()
+        from backbones import init_sd_unet
 
-        unexpected = sorted(set(pretrained) - set(own))
-        fresh = {k for k in own if k not in pretrained}
-        missing = sorted(k for k in fresh if not k.endswith((".norm_q.weight", ".norm_q.bias",
-                                                                ".norm_k.weight", ".norm_k.bias")))
-        if unexpected or missing:
-            raise ValueError(
-                f"{local_folder}: SD UNet does not match preset {preset!r}: "
-                f"unexpected keys {unexpected[:10]}, missing keys {missing[:10]}"
-            )
-        mismatched = [
-            f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-            for k, v in pretrained.items() if v.shape != own[k].shape and k != "conv_in.weight"
-        ]
-        if mismatched:
-            raise ValueError(f"{local_folder}: shape mismatch for preset {preset!r}: {mismatched[:10]}")
+        defaults = get_backbone_spec("mv_unet").preset(preset) if preset is not None else {}
+        where = f"preset {preset!r}" if preset is not None else ""
+        return init_sd_unet.from_sd_unet(cls, Path(local_folder), defaults, where, overrides)
 
-        conv_in = pretrained.pop("conv_in.weight")  # [C0, C_sd, 3, 3]
-        widened = torch.zeros_like(own["conv_in.weight"])  # [C0, C_sd (+ 7), 3, 3]
-        if conv_in.shape[1] != model.config.in_channels or conv_in.shape[0] != widened.shape[0]:
-            raise ValueError(
-                f"{local_folder}: conv_in.weight {tuple(conv_in.shape)} does not fit in_channels="
-                f"{model.config.in_channels}, {widened.shape[0]} output channels"
-            )
-        widened[:, : conv_in.shape[1]] = conv_in
-        pretrained["conv_in.weight"] = widened
-        model.unet.load_state_dict(pretrained, strict=False)  # only the q/k norms stay at their init
-        return model
+    @classmethod
+    def _from_foreign(cls, path, defaults, defaults_from, overrides) -> "MultiViewUNet":
+        from backbones import init_sd_unet
 
-
-def _load_sd_unet_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """Read a diffusers-layout UNet (a UNet folder or a pipeline folder with `unet/`), no network."""
-    unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
-    if not (unet_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{folder}: no config.json here or in {folder / 'unet'}")
-    single = unet_dir / "diffusion_pytorch_model.safetensors"
-    index = unet_dir / "diffusion_pytorch_model.safetensors.index.json"
-    legacy = unet_dir / "diffusion_pytorch_model.bin"
-    if single.is_file():
-        from safetensors.torch import load_file
-
-        return load_file(single)
-    if index.is_file():
-        from safetensors.torch import load_file
-
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in load_file(unet_dir / shard).items()}
-    if legacy.is_file():
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{unet_dir}: no diffusion_pytorch_model.safetensors / .bin / sharded index")
+        return init_sd_unet.from_sd_unet(cls, Path(path), defaults, defaults_from, overrides)

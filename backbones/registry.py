@@ -221,10 +221,22 @@ def list_presets(name: str) -> list[str]:
     return list(get_backbone_spec(name).presets)
 
 
-def create_backbone(name: str, preset: str | None = None, **overrides: Any):
+def create_backbone(name: str, preset: str | None = None, *, init_from: str | None = None, **overrides: Any):
     """Build backbone `name` from a preset ("tiny" unless the backbone says otherwise), with
-    constructor keywords in `overrides` taking precedence over the preset's."""
+    constructor keywords in `overrides` taking precedence over the preset's.
+
+    With `init_from` (a local path; "" or None = random init) the model is built from that
+    checkpoint and starts as the source model per view: the architecture comes from the source
+    (its config.json, or a DiT checkpoint's tensor shapes), a preset, if given, contributes only
+    its multi-view fields (`cls.init_overridable`, e.g. mv_unet's `cross_view_levels`), and
+    overrides may set those or repeat a source value (see `MultiViewBackbone.from_source`).
+    """
     spec = get_backbone_spec(name)
+    if init_from:
+        _check_keys(f"create_backbone({name!r}, init_from=...)", overrides, spec.config_fields())
+        defaults = spec.preset(preset) if preset is not None else {}
+        where = f"preset {preset!r}" if preset is not None else ""
+        return spec.cls.from_source(str(init_from), defaults=defaults, defaults_from=where, **overrides)
     preset = spec.default_preset if preset is None else preset
     kwargs = spec.preset(preset)
     _check_keys(f"create_backbone({name!r}, {preset!r})", overrides, spec.config_fields())

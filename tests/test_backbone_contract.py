@@ -449,6 +449,16 @@ def test_every_backbone_has_micro_and_its_default_preset():
         assert "micro" in spec.presets and spec.default_preset in spec.presets
 
 
+@pytest.mark.parametrize("name", BACKBONES)
+def test_forward_is_the_contracts_template_and_init_fields_are_config_fields(name):
+    """The shared `forward` (input checks, TapState, camera signal) must not be shadowed by
+    nn.Module's placeholder: MultiViewBackbone comes first in the bases."""
+    cls = get_backbone_spec(name).cls
+    assert cls.forward is MultiViewBackbone.forward and cls.__mro__[1] is MultiViewBackbone
+    assert "_denoise" in vars(cls) and "size_multiple" in vars(cls)
+    assert set(cls.init_overridable) <= set(get_backbone_spec(name).config_fields())
+
+
 def test_every_module_that_registers_is_imported():
     """Auto-import: a backbone file registers itself without being listed anywhere."""
     folder = Path(backbones.__file__).parent

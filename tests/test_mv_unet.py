@@ -330,12 +330,15 @@ def test_from_sd_checkpoint_per_view_reproduces_stock_unet(tmp_path):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
 
 
-def test_from_sd_checkpoint_rejects_other_layouts(tmp_path):
+def test_from_sd_checkpoint_rejects_presets_that_do_not_fit_and_missing_folders(tmp_path):
+    # the architecture comes from config.json; a preset only brings its multi-view fields, and
+    # tiny's three per-level entries do not fit a two-level UNet
     _stock_micro_unet().save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="does not match preset 'tiny'"):
+    with pytest.raises(ValueError, match=r"needs one entry per level \(2\).*preset 'tiny' contributed"):
         MultiViewUNet.from_sd_checkpoint(tmp_path, preset="tiny")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        MultiViewUNet.from_sd_checkpoint(tmp_path / "nowhere", preset="micro")
+        MultiViewUNet.from_sd_checkpoint(tmp_path / "empty", preset="micro")
 
 
 # ---- errors and round trip ---------------------------------------------------------------------
@@ -360,3 +363,54 @@ def test_save_load_round_trip(tmp_path):
     x, t, cams = _inputs()
     with torch.no_grad():
         assert torch.equal(model(x, t, **cams).sample, loaded(x, t, **cams).sample)
+
+
+# ---- input_patch: the UNet on a pixel-unshuffled grid ------------------------------------------
+def test_input_patch_is_the_unet_on_the_unshuffled_grid():
+    """With the cameras inert (zero-initialised encoder), input_patch=2 is a 4x-channel UNet applied
+    to torch's pixel_unshuffle of each view, its output pixel-shuffled back."""
+    patched = _micro(input_patch=2)
+    plain = _micro(in_channels=12)  # the same inner UNet shapes: conv_in 12 -> 16, conv_out 16 -> 12
+    plain.unet.load_state_dict(patched.unet.state_dict())
+    x, t, cams = _inputs(B=1, V=2, H=16)
+    with torch.no_grad():
+        ours = patched(x, t, **cams).sample
+        small = F.pixel_unshuffle(x.flatten(0, 1), 2).unflatten(0, (1, 2))  # [1, 2, 12, 8, 8]
+        half = dict(cams, intrinsics=cams["intrinsics"].clone())  # any K: cameras are inert in both
+        ref = F.pixel_shuffle(plain(small, t, **half).sample.flatten(0, 1), 2).unflatten(0, (1, 2))
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("injection", ["add", "concat"])
+def test_input_patch_strides_grids_and_cameras_at_the_input_resolution(injection):
+    from backbones.camera import camera_conditioning
+    from test_backbone_contract import wake
+
+    plain, model = _micro(camera_injection=injection), wake(_micro(input_patch=2, camera_injection=injection))
+    assert [layer.stride for layer in model.attention_layers()] == [2 * layer.stride for layer in plain.attention_layers()]
+    x, t, cams = _inputs(B=1, V=2, H=16)
+    seen = {}
+
+    def record(module, args, output=None):  # first call only; returns None so nothing is replaced
+        seen.setdefault("in", args[0])
+        seen.setdefault("out", output)
+
+    if injection == "add":  # the encoder reads the raymap of the 16x16 input and writes the 8x8 grid
+        model.camera_encoder.register_forward_hook(record)
+    else:
+        model.unet.conv_in.register_forward_pre_hook(record)
+    other_poses = cams["cam2world"].clone()
+    other_poses[:, 1:, :3, 3] += 0.5
+    with torch.no_grad():
+        out = model(x, t, **cams, tap=TapRequest("up.01.attn.00"))
+        moved = model(x, t, **dict(cams, cam2world=other_poses)).sample
+    assert out.sample.shape == x.shape and out.tap.grid == (2, 8, 8)
+    rays = camera_conditioning(cams["intrinsics"], cams["cam2world"], cams["cond_mask"], 16, 16).flatten(0, 1)
+    if injection == "add":
+        assert torch.equal(seen["in"], rays) and seen["out"].shape == (2, 16, 8, 8)
+    else:  # cameras concatenated at 16x16, then unshuffled with x_t: channels (3 + 7) * 4
+        assert seen["in"].shape == (2, 40, 8, 8)
+        torch.testing.assert_close(seen["in"], F.pixel_unshuffle(torch.cat([x.flatten(0, 1), rays], 1), 2))
+    assert (moved - out.sample).abs().max() > 1e-4  # cameras matter once the path is trained
+    with pytest.raises(ValueError, match=r"x_t size 14x14 must be divisible by 4 \(input_patch 2"):
+        model(x[..., :14, :14], t, **cams)
