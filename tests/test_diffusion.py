@@ -1,7 +1,7 @@
 """Diffusion objective and DDIM sampler, checked against hand-written schedules and oracle models.
 
-The reference schedule below is written from the formulas (SD scaled-linear / GLIDE cosine, SNR
-division, Lin et al. 2023 Algorithm 1) in float64 numpy, without diffusers.
+The reference schedule below is written from the formulas (SD scaled-linear / GLIDE cosine / DDPM
+and DiT linear 1e-4..0.02, SNR division, Lin et al. 2023 Algorithm 1) in float64 numpy, without diffusers.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ B, V, H, W = 2, 3, 4, 5
 def naive_alphas_cumprod(schedule="scaled_linear", shift=1.0, zero_terminal=False, steps=T) -> np.ndarray:
     if schedule == "scaled_linear":
         betas = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), steps) ** 2
+    elif schedule == "linear":  # DDPM (Ho et al. 2020) and DiT: linear in beta from 1e-4 to 0.02
+        betas = np.linspace(1e-4, 0.02, steps)
     else:  # GLIDE cosine, betas clipped at 0.999
         f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
         betas = np.array([min(1 - f((i + 1) / steps) / f(i / steps), 0.999) for i in range(steps)])
@@ -79,7 +81,7 @@ class Oracle(nn.Module):
         return BackboneOutput(sample=out.float())
 
 
-@pytest.mark.parametrize("schedule", ["scaled_linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("schedule", ["scaled_linear", "squaredcos_cap_v2", "linear"])
 @pytest.mark.parametrize("shift", [1.0, 4.0])
 def test_schedule_matches_formulas_and_shift_divides_snr(schedule, shift):
     diff = MultiViewDiffusion(beta_schedule=schedule, snr_shift=shift)

@@ -41,20 +41,32 @@ def test_dry_run_writes_json_and_table(tmp_path):
     summary = json.loads((out / "gpu_check.json").read_text())
     parts = summary["parts"]
     assert summary["failed"] == [], {n: parts[n].get("traceback") for n in summary["failed"]}
-    assert set(parts) == {"unet_baseline", "unet_cameo", "dit_baseline", "dit_cameo", "loss_chunked", "loss_naive"}
+    assert set(parts) == {"cat3d_sd21_baseline", "cat3d_sd21_cameo", "mvdit_xl2_baseline", "mvdit_xl2_cameo",
+                          "unet_baseline", "unet_cameo", "dit_baseline", "dit_cameo", "loss_chunked", "loss_naive",
+                          "loss_sparse", "loss_chunked_mean", "loss_naive_mean", "loss_sparse_mean"}
     for name in ("unet_cameo", "dit_cameo"):
         step = parts[name]
         # micro shapes: 16 px latents, 3 views, the supervised layer at stride 2 -> 3 x 8 x 8 tokens
         assert step["tokens"] == 3 * 8 * 8 and step["precision"] == "bf16" and step["gradient_checkpointing"]
         assert step["loss_cameo"] > 0 and step["median_s"] > 0 and step["peak_mb"] > 0
     assert parts["unet_baseline"]["loss_cameo"] is None
+    for recipe in ("cat3d_sd21", "mvdit_xl2"):
+        # the recipe as shrunk for CI: 64 px images through the random micro VAE -> 8x8x4 latents, 4 views
+        step = parts[f"{recipe}_cameo"]
+        assert step["shrink"] and (step["image_size"], step["input_size"], step["latent_channels"]) == (64, 8, 4)
+        assert step["views"] == 4 and step["precision"] == "bf16" and step["cameo"]["head"] == "mlp"
+        assert step["loss_cameo"] > 0 and step["tokens_per_s"] > 0
+        assert parts[f"{recipe}_baseline"]["loss_cameo"] is None
+    assert parts["cat3d_sd21_cameo"]["layer"] == "up.00.attn.00"  # decoder:1/16 on the micro UNet
     # The chunked loss and the naive full map are the same number (computed independently).
     assert summary["ratios"]["loss_abs_diff"] < 1e-4
+    assert summary["ratios"]["loss_abs_diff_sparse"] < 1e-4 and summary["ratios"]["loss_abs_diff_sparse_mean"] < 1e-4
     for backbone in ("unet", "dit"):
         assert summary["ratios"][backbone]["time"] > 0
 
     table = (out / "gpu_check.md").read_text()
     assert "| mv_unet micro | up.00.attn.00" in table and "| mv_dit micro |" in table
+    assert "| cat3d_sd21 | mv_unet micro, 64 px -> 8x8x4 |" in table and "| mvdit_xl2 | mv_dit micro" in table
     assert "naive full map" in table and "Not measured" not in table
 
 
@@ -75,6 +87,25 @@ def test_paper_scale_supervises_a_32x32_layer_of_4_views(backbone):
         assert len(model.attention_layers()) == 16
     else:
         assert layer.num_heads == 12 and model.config.in_channels == 4
+
+
+def test_recipe_parts_at_full_shape_are_the_recipes_with_random_weights(tmp_path, monkeypatch):
+    """What the GPU run of each recipe trains: the gin file's own backbone, latents, layer and loss,
+    only the weights (random), the data (synthetic at the recipe's size) and evaluation replaced."""
+    gpu_check = load_gpu_check()
+    paper = gpu_check.SCALES["paper"]
+    monkeypatch.setattr(gpu_check, "random_vae_folder", lambda workdir, full: str(tmp_path / "vae"))  # no 300 MB VAE
+    sd = gpu_check.recipe_experiment("cat3d_sd21", True, paper, tmp_path, shrink=False)
+    assert (sd.backbone.preset, sd.backbone.init_from, sd.codec.kind, sd.data.kind) == ("sd21", "", "vae", "synthetic")
+    assert (sd.data.image_size, sd.data.num_views, sd.data.batch_size, sd.cameo.weight) == (512, 4, 3, 0.02)
+    assert (sd.train.precision, sd.backbone.gradient_checkpointing, sd.eval.every) == ("bf16", True, 0)
+    dit = gpu_check.recipe_experiment("mvdit_xl2", False, paper, tmp_path, shrink=False)
+    assert (dit.backbone.preset, dit.data.image_size, dit.cameo.weight, dit.diffusion.beta_schedule) == (
+        "XL/2", 256, 0.0, "linear")
+    with torch.device("meta"):  # 512 px / 8 = 64x64 latents: decoder:1/16 is the paper's layer at 32x32
+        unet = create_backbone("mv_unet", "sd21")
+    layer = unet.get_attention_layer(unet.resolve_layer(sd.cameo.layer, input_stride=8))
+    assert layer.name == "up.02.attn.00" and 512 // 8 // layer.stride == 32
 
 
 def test_out_of_memory_part_is_recorded_and_summarized(tmp_path):

@@ -1,9 +1,15 @@
-"""The multi-view diffusion objective and DDIM sampler (with the pixel codec), on diffusers schedulers.
+"""The multi-view diffusion objective and DDIM sampler, on diffusers schedulers, in the space of a codec.
 
 One object owns the noise schedule so that training and sampling can never disagree on it: the
-betas (scaled-linear or cosine, optional SNR shift, optional zero-terminal-SNR rescale) are built
-once and handed to both a `DDPMScheduler` (noising, v targets) and every `DDIMScheduler` made for
-sampling.
+betas (scaled-linear, cosine or DDPM/DiT linear, optional SNR shift, optional zero-terminal-SNR
+rescale) are built once and handed to both a `DDPMScheduler` (noising, v targets) and every
+`DDIMScheduler` made for sampling.
+
+The model runs on the codec's grid (`objectives.codecs`: pixels, or latents 8x smaller), while
+cameras come in pixels of the image. Wherever the model is called, the intrinsics are rescaled to
+the model's input grid (`model_intrinsics`), so the rays the backbone builds on that grid pass
+through the same scene points as the image's pixels do. A batch that carries `latent [B, V, C, h, w]`
+(the latent cache) is diffused as is and need not carry the images.
 
 Multi-view specifics (CAT3D / CAMEO): views are ordered references first; references stay clean in
 x_t at every training step and every sampling step, `cond_mask` is 0 for references and 1 for
@@ -20,41 +26,32 @@ The model knows nothing about this module: it is called as
 """
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
 
+from cameo_bench import geometry
 from cameo_bench.config.spec import DiffusionSpec
+from cameo_bench.objectives.codecs import Codec, PixelCodec
+
+__all__ = ["Codec", "PixelCodec", "MultiViewDiffusion", "make_betas", "model_intrinsics"]
 
 # Stable Diffusion's scaled-linear range (CAMEO initialises from SD-2.1 and keeps its schedule);
 # ignored by the cosine schedule, which is defined by alpha_bar alone.
 SD_BETA_START, SD_BETA_END = 0.00085, 0.012
-
-
-class Codec(Protocol):
-    """Maps images in [0, 1] to the space the model diffuses in, and back (a VAE would fit here)."""
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor: ...  # [B, V, 3, H, W] -> [B, V, C, h, w]
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor: ...  # [B, V, C, h, w] -> [B, V, 3, H, W]
-
-
-class PixelCodec:
-    """Pixel-space diffusion: x0 = 2 * image - 1, so data sits in [-1, 1] like SD latents roughly do."""
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        return image * 2.0 - 1.0
-
-    def decode(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x + 1.0) * 0.5).clamp(0.0, 1.0)
+# DDPM's linear range (Ho et al. 2020), which DiT trains with (facebookresearch/DiT, 1000 steps).
+LINEAR_BETA_START, LINEAR_BETA_END = 1e-4, 0.02
+_BETA_RANGE = {"scaled_linear": (SD_BETA_START, SD_BETA_END), "linear": (LINEAR_BETA_START, LINEAR_BETA_END),
+               "squaredcos_cap_v2": (SD_BETA_START, SD_BETA_END)}  # cosine: the range is unused
 
 
 def make_betas(spec: DiffusionSpec) -> torch.Tensor:
     """The betas [T] (float64) that both schedulers receive as `trained_betas`."""
-    base = DDPMScheduler(num_train_timesteps=spec.num_train_timesteps, beta_start=SD_BETA_START,
-                         beta_end=SD_BETA_END, beta_schedule=spec.beta_schedule).betas.double()
+    start, end = _BETA_RANGE[spec.beta_schedule]
+    base = DDPMScheduler(num_train_timesteps=spec.num_train_timesteps, beta_start=start,
+                         beta_end=end, beta_schedule=spec.beta_schedule).betas.double()
     alphas_cumprod = torch.cumprod(1.0 - base, dim=0)  # [T]
     if spec.snr_shift != 1.0:
         # SNR = a / (1 - a); a' = a / (a + s (1 - a)) gives SNR' = SNR / s exactly.
@@ -83,6 +80,22 @@ def canonical_cameras(intrinsics: torch.Tensor, cam2world: torch.Tensor, height:
     return K.expand_as(intrinsics).clone(), eye.expand_as(cam2world).clone()
 
 
+def model_intrinsics(K: torch.Tensor, image_hw: tuple[int, int], model_hw: tuple[int, int]) -> torch.Tensor:
+    """Intrinsics [..., 3, 3] in pixels of the model's input grid, from intrinsics in image pixels.
+
+    Pixel centres sit at integers on both grids, so pixel u of the image covers [u - 1/2, u + 1/2)
+    and the scale s = model size / image size applies about the pixel-corner origin:
+    u' + 1/2 = s (u + 1/2), i.e. K' = A K with A = [[s_x, 0, (s_x - 1)/2], [0, s_y, (s_y - 1)/2],
+    [0, 0, 1]] (for 512 px images on 64x64 latents: f' = f / 8, c' = (c + 1/2) / 8 - 1/2, so the
+    image centre 255.5 lands on the latent centre 31.5). Returned unchanged (the same tensor) when
+    the grids agree, so pixel-space runs compute exactly what they did before latents existed.
+    """
+    (H, W), (h, w) = tuple(image_hw), tuple(model_hw)
+    if (H, W) == (h, w):
+        return K
+    return geometry.scale_intrinsics(K, w / W, h / H).to(K.dtype)
+
+
 def reference_mask(num_ref: int | torch.Tensor, batch: int, views: int, device: torch.device) -> torch.Tensor:
     """[B, V] bool, True on reference views. `num_ref` is an int or a per-sample [B] tensor
     (a DataLoader collates the int into one)."""
@@ -106,19 +119,34 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
-def _check_batch(batch: dict) -> tuple[int, int, int, int]:
-    for key in ("image", "intrinsics", "cam2world", "num_ref"):
+def _check_batch(batch: dict, downsample: int = 1) -> tuple[int, int, int, int]:
+    """(B, V, H, W), H x W the image's size: from `image`, or for a latent-only batch (the latent
+    cache) from `latent` times the codec's `downsample`."""
+    for key in ("intrinsics", "cam2world", "num_ref"):
         if key not in batch:
             raise KeyError(f"batch is missing {key!r}; it has {sorted(batch)}")
-    image = batch["image"]
-    if image.ndim != 5 or image.shape[2] != 3:
-        raise ValueError(f"batch['image'] must be [B, V, 3, H, W], got {tuple(image.shape)}")
-    B, V, _, H, W = image.shape
+    if "image" not in batch and "latent" not in batch:
+        raise KeyError(f"batch has neither 'image' nor 'latent'; it has {sorted(batch)}")
+    if "image" in batch:
+        image = batch["image"]
+        if image.ndim != 5 or image.shape[2] != 3:
+            raise ValueError(f"batch['image'] must be [B, V, 3, H, W], got {tuple(image.shape)}")
+        B, V, _, H, W = image.shape
+    else:
+        latent = batch["latent"]
+        if latent.ndim != 5:
+            raise ValueError(f"batch['latent'] must be [B, V, C, h, w], got {tuple(latent.shape)}")
+        B, V, _, h, w = latent.shape
+        H, W = h * downsample, w * downsample
     for key, tail in (("intrinsics", (3, 3)), ("cam2world", (4, 4))):
         if tuple(batch[key].shape) != (B, V, *tail):
             raise ValueError(f"batch[{key!r}] must be {(B, V, *tail)}, got {tuple(batch[key].shape)}")
-    if "latent" in batch and tuple(batch["latent"].shape[:2]) != (B, V):
-        raise ValueError(f"batch['latent'] must be [{B}, {V}, C, h, w], got {tuple(batch['latent'].shape)}")
+    if "latent" in batch:
+        latent = batch["latent"]
+        if latent.ndim != 5 or tuple(latent.shape[:2]) != (B, V) or tuple(latent.shape[-2:]) != (
+                H // downsample, W // downsample):
+            raise ValueError(f"batch['latent'] must be [{B}, {V}, C, {H // downsample}, {W // downsample}] "
+                             f"(images {H}x{W} / codec downsample {downsample}), got {tuple(latent.shape)}")
     return B, V, H, W
 
 
@@ -143,7 +171,8 @@ class MultiViewDiffusion:
     values (`MultiViewDiffusion(snr_shift=4.0)`), which are validated by the spec either way; the
     spec is kept as `config`.
     `codec` maps images to the diffused space (default: pixels in [-1, 1]); a batch that carries
-    `latent [B, V, C, h, w]` is diffused as is, and `codec.decode` turns samples back into images.
+    `latent [B, V, C, h, w]` is diffused as is (plus `latent_std * eps` when it carries the
+    posterior's `latent_std`), and `codec.decode` turns samples back into images.
     """
 
     def __init__(self, spec: DiffusionSpec | None = None, *, codec: Codec | None = None, **kwargs: Any):
@@ -184,8 +213,23 @@ class MultiViewDiffusion:
 
     def to_model_space(self, batch: dict) -> torch.Tensor:  # [B, V, C, h, w]
         if "latent" in batch:
-            return batch["latent"].float()
+            latent = batch["latent"].float()
+            if "latent_std" in batch:  # cached posterior moments: one draw (codec.encoding = 'sample')
+                latent = latent + batch["latent_std"].float() * torch.randn_like(latent)
+            return latent
         return self.codec.encode(batch["image"].float())
+
+    def image_size(self, batch: dict) -> tuple[int, int]:
+        """(H, W) of the batch's images, also for a latent-only batch."""
+        return _check_batch(batch, self.codec.downsample)[2:]
+
+    def model_shape(self, batch: dict) -> tuple[int, int, int, int, int]:
+        """[B, V, C, h, w] of `to_model_space(batch)`, without encoding anything."""
+        if "latent" in batch:
+            return tuple(batch["latent"].shape)
+        B, V, _, H, W = batch["image"].shape  # the shape encoding would give; nothing else is read
+        ds = self.codec.downsample
+        return B, V, self.codec.channels, H // ds, W // ds
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What the model regresses: v = sqrt(a) eps - sqrt(1-a) x0, or eps."""
@@ -196,7 +240,7 @@ class MultiViewDiffusion:
     def drop_cameras(self, batch: dict, drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(intrinsics, cam2world) with the samples where `drop [B]` is True set to the canonical
         "no camera" input (identity poses, canonical K) for every view."""
-        _, _, H, W = _check_batch(batch)
+        _, _, H, W = _check_batch(batch, self.codec.downsample)
         K, c2w = batch["intrinsics"], batch["cam2world"]
         K0, c2w0 = canonical_cameras(K, c2w, H, W)
         d = drop.to(K.device)[:, None, None, None]  # [B, 1, 1, 1]
@@ -214,7 +258,7 @@ class MultiViewDiffusion:
         aux: `t [B]`, `camera_dropped [B] bool`, `cond_mask [B, V]`, `loss_per_sample [B]` (detached,
         for loss-vs-t curves), `tap` (TapResult or None).
         """
-        B, V, _, _ = _check_batch(batch)
+        B, V, H, W = _check_batch(batch, self.codec.downsample)
         x0 = self.to_model_space(batch)  # [B, V, C, h, w]
         device = x0.device
         T = self.num_train_timesteps
@@ -238,6 +282,7 @@ class MultiViewDiffusion:
         x_t = torch.where(ref5, x0, self.scheduler.add_noise(x0, noise, t))  # references stay clean
         cond_mask = (~is_ref).to(x0.dtype)  # [B, V]: 0 reference, 1 target
         intrinsics, cam2world = self.drop_cameras(batch, drop)
+        intrinsics = model_intrinsics(intrinsics, (H, W), x0.shape[-2:])  # rays on the model's grid
 
         out = model(x_t, t, cam2world=cam2world, intrinsics=intrinsics, cond_mask=cond_mask,
                     tap=tap, perturb=perturb)
@@ -261,7 +306,7 @@ class MultiViewDiffusion:
         branches go through one forward of batch 2B. g = 1 runs the conditional branch alone.
         The model's train/eval mode is left to the caller.
         """
-        B, V, _, _ = _check_batch(batch)
+        B, V, H, W = _check_batch(batch, self.codec.downsample)
         x0 = self.to_model_space(batch)  # [B, V, C, h, w]
         device = x0.device
         is_ref = reference_mask(batch["num_ref"], B, V, device)  # [B, V]
@@ -273,6 +318,7 @@ class MultiViewDiffusion:
             K_un, c2w_un = self.drop_cameras(batch, torch.ones(B, dtype=torch.bool, device=device))
             K, c2w = torch.cat([K, K_un]), torch.cat([c2w, c2w_un])  # [2B, V, ...]
             cond_mask = torch.cat([cond_mask, cond_mask])
+        K = model_intrinsics(K, (H, W), x0.shape[-2:])  # rays on the model's grid
 
         scheduler = self.ddim_scheduler(num_steps)
         x = torch.where(ref5, x0, _randn(tuple(x0.shape), generator, x0))  # [B, V, C, h, w]
@@ -289,4 +335,6 @@ class MultiViewDiffusion:
         # when num_steps does not divide T the trailing grid ends at t = 0, not at alpha_bar = 1,
         # and prev_sample would keep (and with eta > 0 add) noise. Both agree when it divides T.
         images = self.codec.decode(torch.where(ref5, x0, out.pred_original_sample))
+        if "image" not in batch:  # a latent-only batch: the references as the codec gives them back
+            return images
         return torch.where(ref5, batch["image"].to(images), images)

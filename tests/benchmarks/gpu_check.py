@@ -1,5 +1,6 @@
-"""Cost of CAMEO at paper scale on one GPU: training step time and peak memory with and without
-the alignment loss, for the SD-2.1-layout `mv_unet` and the `B/2` `mv_dit`, and the chunked loss
+"""Cost of CAMEO at paper scale on one GPU: training step time, peak memory and tokens/s with and
+without the alignment loss, for the two paper recipes as written (gin/experiments/cat3d_sd21.gin,
+mvdit_xl2.gin) and for the SD-2.1-layout `mv_unet` and the `B/2` `mv_dit`, and the chunked loss
 against the naive full attention map.
 
 Run it through `tests/benchmarks/gpu_check.sh` (one process per part, timeouts, a failed or
@@ -15,7 +16,14 @@ scale (cameo_method.md, notes/scale_and_tracking.md §4.1): 4 views (1 reference
 bf16 autocast with the CAMEO branch in fp32, gradient checkpointing, 64x64x4 latents, so the
 supervised layer sees 32x32 tokens per view (N = 4096): `up.02.attn.00` (layer index 10, 10 heads)
 of the UNet, a middle block of the DiT at patch 2. CAMEO as released: MLP head, every query token,
-lambda 0.02. Latents are random: a VAE would only add a constant cost to both arms.
+lambda 0.02.
+
+Weights are random (no checkpoint is needed): the backbone (`backbone.init_from = ''`) and the VAE,
+a random AutoencoderKL of SD's shape written to a temporary folder. The batch is what a run on the
+latent cache sees: synthetic scenes at the image size (for depth targets), encoded once by the VAE,
+images dropped, so the step pays no VAE encode. The recipe parts parse the gin file itself (only
+the weights, the data source and the evaluation schedule are replaced); `--dry-run` parses it with
+`run_experiment.shrink = True`.
 
 The CPU benchmarks (test_bench_train_step.py) reuse `build_arm` and the `tiny` scale, and run
 parts in a subprocess to read their peak memory, so CI exercises the code the GPU check runs.
@@ -43,9 +51,16 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
+RECIPES = {"cat3d_sd21": "gin/experiments/cat3d_sd21.gin", "mvdit_xl2": "gin/experiments/mvdit_xl2.gin"}
+# scenes per step on one GPU: the paper's 3 per GPU for the UNet (the recipe's 6 is 2 GPUs x 3)
+RECIPE_BATCH = {"cat3d_sd21": 3, "mvdit_xl2": 8}
+BATCH_OVERRIDE: int | None = None  # --batch-size, which applies to the recipes too
+RECIPE_PARTS = tuple(f"{recipe}_{arm}" for recipe in RECIPES for arm in ("baseline", "cameo"))
 STEP_PARTS = ("unet_baseline", "unet_cameo", "dit_baseline", "dit_cameo")
-LOSS_PARTS = ("loss_chunked", "loss_naive")
-PARTS = STEP_PARTS + LOSS_PARTS
+# the alignment loss alone: `chunked` = CameoLoss(impl='dense'), `sparse` = the default path, `naive` = the
+# full map; with the scale's head (the released MLP), and `_mean` with the quickstart's mean head
+LOSS_PARTS = ("loss_chunked", "loss_naive", "loss_sparse", "loss_chunked_mean", "loss_naive_mean", "loss_sparse_mean")
+PARTS = RECIPE_PARTS + STEP_PARTS + LOSS_PARTS
 MIB = 1024 * 1024
 
 
@@ -65,7 +80,7 @@ class BackboneChoice:
 class Scale:
     views: int
     batch_size: int
-    image_size: int  # pixels of the rendered scenes = latent size when `latent_channels` is set
+    image_size: int  # model-input side: pixels, or the latent side when `latent_channels` is set (images 8x)
     precision: str  # train.precision: "bf16" autocast or "fp32"
     gradient_checkpointing: bool
     latent_channels: int | None  # None: pixel-space diffusion (the CPU presets)
@@ -174,12 +189,12 @@ def _sync(device: torch.device) -> None:
 # the training step
 
 
-class WithLatents:
-    """Adds a fixed random `latent [V, C, H, W]` to every item, standing in for VAE latents: the
-    model then diffuses those, while depth and cameras (for the targets) stay the rendered ones."""
+class EncodedOnce:
+    """Items as the latent cache gives them: `latent` encoded once by the run's VAE codec, no
+    `image` (depth and cameras, for the targets, stay the rendered ones)."""
 
-    def __init__(self, items, channels: int):
-        self.items, self.channels = items, channels
+    def __init__(self, items, codec):
+        self.items, self.codec = items, codec
         self.cache: dict[int, dict] = {}
 
     def __len__(self) -> int:
@@ -188,27 +203,39 @@ class WithLatents:
     def __getitem__(self, index: int) -> dict:
         if index not in self.cache:
             item = dict(self.items[index])
-            V, _, H, W = item["image"].shape
-            g = torch.Generator().manual_seed(index)
-            item["latent"] = torch.randn(V, self.channels, H, W, generator=g)  # [V, C, H, W]
-            self.cache[index] = item
+            image = item.pop("image")  # [V, 3, H, W]
+            self.cache[index] = {**item, "latent": self.codec.encode(image[None])[0].cpu()}  # [V, C, h, w]
         return self.cache[index]
+
+
+def random_vae_folder(workdir: str | os.PathLike, full: bool) -> str:
+    """A random AutoencoderKL in diffusers' folder layout: SD's shape (`full`) or the micro one."""
+    from cameo_bench.objectives.codecs import MICRO_VAE_CONFIG, SD_VAE_CONFIG, random_vae
+
+    folder = pathlib.Path(workdir) / ("vae_sd" if full else "vae_micro")
+    if not (folder / "config.json").exists():
+        random_vae(SD_VAE_CONFIG if full else MICRO_VAE_CONFIG).save_pretrained(folder)
+    return str(folder)
 
 
 def build_arm(scale: Scale, backbone: str, cameo: bool, device: str | torch.device, workdir: str | os.PathLike):
     """The engine's run (`build_run`) for one arm: `backbone` is "unet" or "dit", `cameo` False = baseline.
 
     Only `batch_size` scenes exist, so every step reuses the same (cached) batch and times the
-    step, not rendering."""
-    from cameo_bench.config.spec import BackboneSpec, CameoSpec, DataSpec, EvalSpec, Experiment, OptimSpec, TrainSpec
+    step, not rendering. Latent scales diffuse the latents of a random VAE (images 8x larger)."""
+    from cameo_bench.config.spec import (BackboneSpec, CameoSpec, CodecSpec, DataSpec, EvalSpec, Experiment,
+                                         OptimSpec, TrainSpec)
     from cameo_bench.engine.build import build_run
 
     choice = {"unet": scale.unet, "dit": scale.dit}[backbone]
+    latent = scale.latent_channels is not None
+    codec = CodecSpec(kind="vae", vae_path=random_vae_folder(workdir, scale.image_size >= 32)) if latent else CodecSpec()
     exp = Experiment(
         name=f"{backbone}_{'cameo' if cameo else 'baseline'}", output_dir=str(workdir), seed=0,
         backbone=BackboneSpec(choice.name, choice.preset, dict(choice.overrides), scale.gradient_checkpointing),
+        codec=codec,
         data=DataSpec(num_scenes=scale.batch_size, num_eval_scenes=1, num_views=scale.views, num_ref=scale.num_ref,
-                      image_size=scale.image_size, batch_size=scale.batch_size),
+                      image_size=scale.image_size * (8 if latent else 1), batch_size=scale.batch_size),
         cameo=CameoSpec(weight=scale.cameo_weight if cameo else 0.0, layer=choice.layer, source=scale.source,
                         head=scale.cameo_head, chunk_size=scale.chunk_size),
         optim=OptimSpec(warmup_steps=0),
@@ -216,9 +243,53 @@ def build_arm(scale: Scale, backbone: str, cameo: bool, device: str | torch.devi
         eval=EvalSpec(every=0, at_start=False),
     )
     run = build_run(exp, device=device)
-    if scale.latent_channels is not None:
-        run.train_set = WithLatents(run.train_set, scale.latent_channels)
+    if latent:
+        run.train_set = EncodedOnce(run.train_set, run.codec)
     return run
+
+
+def recipe_experiment(recipe: str, cameo: bool, scale: Scale, workdir: str | os.PathLike, shrink: bool):
+    """The recipe's gin file with random weights, synthetic scenes at its image size, no evaluation
+    or checkpoint; `shrink` = its CI version (`run_experiment.shrink = True`)."""
+    from cameo_bench import config
+
+    bindings = [f"run_experiment.output_dir = '{workdir}'", f"run_experiment.name = '{recipe}'",
+                "train.progress = False", "train.checkpoint_every = 0", "eval.every = 0", "eval.at_start = False"]
+    if shrink:
+        bindings.append("run_experiment.shrink = True")
+    else:
+        batch = BATCH_OVERRIDE or RECIPE_BATCH[recipe]
+        bindings += ["backbone.init_from = ''", f"codec.vae_path = '{random_vae_folder(workdir, True)}'",
+                     "data.kind = 'synthetic'", "data.root = None", f"data.num_scenes = {batch}",
+                     "data.num_eval_scenes = 1", f"data.batch_size = {batch}"]
+    if not cameo:
+        bindings.append("cameo.weight = 0.0")
+    return config.parse([REPO / RECIPES[recipe]], bindings)
+
+
+def build_recipe(recipe: str, cameo: bool, scale: Scale, device, workdir, shrink: bool):
+    from cameo_bench.engine.build import build_run
+
+    run = build_run(recipe_experiment(recipe, cameo, scale, workdir, shrink), device=device)
+    run.train_set = EncodedOnce(run.train_set, run.codec)
+    return run
+
+
+def describe_run(run) -> dict[str, Any]:
+    """What a recipe run trains on: the supervised (or, for a baseline, the compared) layer's grid."""
+    exp, model = run.exp, run.model
+    layer = model.get_attention_layer(run.shown_layer)
+    latent = run.train_set[0]["latent"]  # [V, C, h, w]
+    V, C, h, w = latent.shape
+    tokens_per_view = (h // layer.stride) * (w // layer.stride)
+    return dict(
+        recipe=exp.name, backbone=exp.backbone.name, preset=exp.backbone.preset, layer=layer.name,
+        layer_index=layer.index, heads=layer.num_heads, head_dim=layer.head_dim, tokens_per_view=tokens_per_view,
+        tokens=V * tokens_per_view, batch_size=exp.data.batch_size, views=V, image_size=h * run.codec.downsample,
+        input_size=h, latent_channels=C, precision=exp.train.precision,
+        gradient_checkpointing=exp.backbone.gradient_checkpointing, shrink=exp.shrink,
+        params_m=round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+    )
 
 
 def describe_arm(run, scale: Scale, backbone: str) -> dict[str, Any]:
@@ -236,16 +307,27 @@ def describe_arm(run, scale: Scale, backbone: str) -> dict[str, Any]:
     )
 
 
-def measure_step(scale: Scale, backbone: str, cameo: bool, device: torch.device, workdir) -> dict[str, Any]:
+def measure_step(scale: Scale, backbone: str, cameo: bool, device: torch.device, workdir,
+                 recipe: str | None = None, shrink: bool = False) -> dict[str, Any]:
+    """Time `scale.steps` training steps after `scale.warmup` of one arm: a built-in backbone
+    choice of `scale`, or the recipe `recipe` (its own batch, layer and loss)."""
     tic = time.perf_counter()
     from cameo_bench.engine.step import train_step
 
-    run = build_arm(scale, backbone, cameo, device, workdir)
-    info = describe_arm(run, scale, backbone)
+    if recipe is None:
+        run = build_arm(scale, backbone, cameo, device, workdir)
+        info = describe_arm(run, scale, backbone)
+        if cameo:
+            info["cameo"] = dict(weight=scale.cameo_weight, head=scale.cameo_head, chunk_size=scale.chunk_size,
+                                 source=scale.source, queries="all")
+    else:
+        run = build_recipe(recipe, cameo, scale, device, workdir, shrink)
+        info = describe_run(run)
+        if cameo:
+            c = run.exp.cameo
+            info["cameo"] = dict(weight=c.weight, head=c.head, chunk_size=c.chunk_size, source=c.source,
+                                 queries="all" if c.queries_per_view is None else c.queries_per_view)
     info["build_s"] = round(time.perf_counter() - tic, 2)
-    if cameo:
-        info["cameo"] = dict(weight=scale.cameo_weight, head=scale.cameo_head, chunk_size=scale.chunk_size,
-                             source=scale.source, queries="all")
     step = 0
     for _ in range(scale.warmup):  # first steps: kernels, Adam state, caches
         train_step(run, step)
@@ -261,8 +343,11 @@ def measure_step(scale: Scale, backbone: str, cameo: bool, device: torch.device,
         seconds.append(time.perf_counter() - start)
         step += 1
     memory.stop()
-    info.update(memory.as_dict(), step_seconds=[round(s, 4) for s in seconds], median_s=round(_median(seconds), 4),
+    median = _median(seconds)
+    info.update(memory.as_dict(), step_seconds=[round(s, 4) for s in seconds], median_s=round(median, 4),
                 loss_diffusion=metrics.get("train/loss_diffusion"), loss_cameo=metrics.get("train/loss_cameo"))
+    if "tokens" in info and median > 0:  # tokens of the supervised layer's grid, all views, per second
+        info["tokens_per_s"] = round(info["batch_size"] * info["tokens"] / median, 1)
     return info
 
 
@@ -288,13 +373,14 @@ def loss_inputs(B: int, V: int, side: int, H: int, d: int, device, seed: int = 0
     return q, k, targets
 
 
-def naive_full_map_loss(q, k, targets, head: torch.nn.Module, num_ref: int) -> torch.Tensor:
-    """CAMEO as released: every logit of the N x N map, the head MLP on each, a softmax per key
-    view, cross-entropy on valid pairs, reference and target queries averaged apart and summed."""
+def naive_full_map_loss(q, k, targets, head: torch.nn.Module | None, num_ref: int) -> torch.Tensor:
+    """CAMEO as released: every logit of the N x N map, the head MLP on each (None: the head mean),
+    a softmax per key view, cross-entropy on valid pairs, reference and target queries averaged
+    apart and summed."""
     B, H, N, d = q.shape
     V, h, w = targets.grid
     logits = q @ k.transpose(-1, -2) * d**-0.5  # [B, H, N, N]
-    fused = head(logits.permute(0, 2, 3, 1))[..., 0]  # [B, N, N]
+    fused = logits.mean(1) if head is None else head(logits.permute(0, 2, 3, 1))[..., 0]  # [B, N, N]
     logp = fused.reshape(B, N, V, h * w).log_softmax(-1)  # [B, N, V, hw]
     nll = -logp.gather(-1, targets.idx).squeeze(-1)  # [B, N, V]
     is_ref = (torch.arange(N, device=q.device) // (h * w) < num_ref)[None, :, None]  # [1, N, 1]
@@ -304,14 +390,17 @@ def naive_full_map_loss(q, k, targets, head: torch.nn.Module, num_ref: int) -> t
     return total
 
 
-def measure_loss(scale: Scale, impl: str, device: torch.device) -> dict[str, Any]:
+def measure_loss(scale: Scale, impl: str, device: torch.device, head: str | None = None) -> dict[str, Any]:
+    """`impl`: "chunked" (CameoLoss impl 'dense'), "sparse" or "naive"; `head` default: the scale's."""
     from backbones.interface import TapResult
     from cameo_bench.objectives.alignment import CameoLoss
 
     shape = scale.loss_shape
+    head = head or scale.cameo_head
     q, k, targets = loss_inputs(**shape, device=device)
     torch.manual_seed(0)
-    cameo = CameoLoss(shape["H"], head=scale.cameo_head, chunk_size=scale.chunk_size).to(device)
+    cameo = CameoLoss(shape["H"], head=head, chunk_size=scale.chunk_size,
+                      impl="sparse" if impl == "sparse" else "dense").to(device)
     B, _, N, _ = q.shape
     tap = TapResult(q=q, k=k, scale=shape["d"] ** -0.5, grid=targets.grid,
                     query_idx=torch.arange(N, device=device).expand(B, N))
@@ -319,10 +408,10 @@ def measure_loss(scale: Scale, impl: str, device: torch.device) -> dict[str, Any
     def run() -> torch.Tensor:  # forward + backward, as in a step
         q.grad = k.grad = None
         cameo.zero_grad(set_to_none=True)
-        if impl == "chunked":
+        if impl != "naive":
             loss, _ = cameo(tap, targets, scale.num_ref)
         else:
-            loss = naive_full_map_loss(q, k, targets, cameo.head, scale.num_ref)
+            loss = naive_full_map_loss(q, k, targets, getattr(cameo, "head", None), scale.num_ref)
         loss.backward()
         return loss.detach()
 
@@ -338,8 +427,8 @@ def measure_loss(scale: Scale, impl: str, device: torch.device) -> dict[str, Any
         _sync(device)
         seconds.append(time.perf_counter() - start)
     memory.stop()
-    return dict(impl=impl, shape=shape, tokens=shape["V"] * shape["side"] ** 2, head=scale.cameo_head,
-                chunk_size=scale.chunk_size if impl == "chunked" else None, precision="fp32",
+    return dict(impl=impl, shape=shape, tokens=shape["V"] * shape["side"] ** 2, head=head,
+                chunk_size=scale.chunk_size if impl != "naive" else None, precision="fp32",
                 loss=float(value), step_seconds=[round(s, 4) for s in seconds], median_s=round(_median(seconds), 4),
                 **memory.as_dict())
 
@@ -381,12 +470,17 @@ def run_part(name: str, scale_name: str, device: torch.device, out: pathlib.Path
     tic = time.perf_counter()
     try:
         if measure is None:
-            if name in STEP_PARTS:
+            if name in RECIPE_PARTS:
+                recipe, arm = name.rsplit("_", 1)
+                with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
+                    record.update(measure_step(scale, "", arm == "cameo", device, workdir, recipe=recipe,
+                                               shrink=scale_name == "micro"))
+            elif name in STEP_PARTS:
                 backbone, arm = name.split("_")
                 with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
                     record.update(measure_step(scale, backbone, arm == "cameo", device, workdir))
             else:
-                record.update(measure_loss(scale, name.split("_")[1], device))
+                record.update(measure_loss(scale, name.split("_")[1], device, "mean" if name.endswith("_mean") else None))
         else:
             record.update(measure(name, scale, device))
         record["status"] = "ok"
@@ -428,7 +522,7 @@ def summarize(out: pathlib.Path) -> dict[str, Any]:
         path = out / "parts" / f"{name}.json"
         parts[name] = json.loads(path.read_text()) if path.exists() else dict(part=name, status="missing")
     ratios: dict[str, Any] = {}
-    for backbone in ("unet", "dit"):
+    for backbone in (*RECIPES, "unet", "dit"):
         base, cam = parts[f"{backbone}_baseline"], parts[f"{backbone}_cameo"]
         ratios[backbone] = dict(time=_ratio(cam, base, "median_s"), peak=_ratio(cam, base, "peak_mb"),
                                 extra=_ratio(cam, base, "extra_mb"))
@@ -437,6 +531,13 @@ def summarize(out: pathlib.Path) -> dict[str, Any]:
                                              extra=_ratio(naive, chunked, "extra_mb"))
     if chunked.get("status") == "ok" and naive.get("status") == "ok":
         ratios["loss_abs_diff"] = abs(chunked["loss"] - naive["loss"])
+    for suffix in ("", "_mean"):  # the sparse path against both
+        sparse = parts[f"loss_sparse{suffix}"]
+        ratios[f"loss_over_sparse{suffix}"] = {
+            other: dict(time=_ratio(parts[f"loss_{other}{suffix}"], sparse, "median_s"),
+                        extra=_ratio(parts[f"loss_{other}{suffix}"], sparse, "extra_mb")) for other in ("chunked", "naive")}
+        if sparse.get("status") == "ok" and parts[f"loss_naive{suffix}"].get("status") == "ok":
+            ratios[f"loss_abs_diff_sparse{suffix}"] = abs(sparse["loss"] - parts[f"loss_naive{suffix}"]["loss"])
     ok = [p for p in parts.values() if p.get("status") == "ok"]
     machine = {k: ok[0].get(k) for k in ("device_name", "device_memory_gib", "torch", "cuda", "host")} if ok else {}
     summary = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -472,6 +573,24 @@ def markdown(summary: dict) -> str:
         "| baseline peak / extra GiB | CAMEO peak / extra GiB | peak ratio | extra ratio |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    recipe_lines = [
+        "The paper recipes as written (gin/experiments/), random weights; tokens/s = scenes x views x "
+        "supervised-layer tokens per view / s.", "",
+        "| recipe | backbone, input | layer (index), tokens | batch x views | baseline s/step | CAMEO s/step "
+        "| CAMEO overhead | baseline / CAMEO peak GiB | CAMEO tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for recipe in RECIPES:
+        base, cam = parts[f"{recipe}_baseline"], parts[f"{recipe}_cameo"]
+        ref = cam if cam.get("status") == "ok" else base
+        r = ratios[recipe]
+        overhead = "-" if r["time"] is None else f"{(r['time'] - 1) * 100:+.1f}%"
+        recipe_lines.append(
+            f"| {recipe} | {ref.get('backbone', '?')} {ref.get('preset', '')}, {ref.get('image_size', '?')} px -> "
+            f"{ref.get('input_size', '?')}x{ref.get('input_size', '?')}x{ref.get('latent_channels', '?')} | "
+            f"{ref.get('layer', '?')} ({ref.get('layer_index', '?')}), {ref.get('tokens', '?')} | "
+            f"{ref.get('batch_size', '?')} x {ref.get('views', '?')} | {_sec(base)} | {_sec(cam)} | {overhead} | "
+            f"{_gib(base, 'peak_mb')} / {_gib(cam, 'peak_mb')} | {_fmt(cam.get('tokens_per_s'), 1)} |")
     for backbone in ("unet", "dit"):
         base, cam = parts[f"{backbone}_baseline"], parts[f"{backbone}_cameo"]
         ref = cam if cam.get("status") == "ok" else base
@@ -482,6 +601,7 @@ def markdown(summary: dict) -> str:
             f"{ref.get('batch_size', '?')} x {ref.get('views', '?')} | {_sec(base)} | {_sec(cam)} | {_fmt(r['time'])} | "
             f"{_gib(base, 'peak_mb')} / {_gib(base, 'extra_mb')} | {_gib(cam, 'peak_mb')} / {_gib(cam, 'extra_mb')} | "
             f"{_fmt(r['peak'])} | {_fmt(r['extra'])} |")
+    lines = lines[:6] + recipe_lines + ["", "Built-in paper-scale choices (latents of a random VAE):", ""] + lines[6:]
     chunked, naive = parts["loss_chunked"], parts["loss_naive"]
     r = ratios["loss_naive_over_chunked"]
     shape = chunked.get("shape") or naive.get("shape") or {}
@@ -494,6 +614,17 @@ def markdown(summary: dict) -> str:
     ]
     if "loss_abs_diff" in ratios:
         lines.append(f"\n|loss chunked - loss naive| = {ratios['loss_abs_diff']:.2e}")
+    for suffix, head in (("", chunked.get("head", "?")), ("_mean", "mean")):
+        sparse, r = parts[f"loss_sparse{suffix}"], ratios[f"loss_over_sparse{suffix}"]
+        lines += ["", f"Sparse path (CameoLoss default) against both, head {head}:", "",
+                  "| implementation | s | extra GiB | / sparse: time | / sparse: extra |", "|---|---|---|---|---|",
+                  f"| sparse | {_sec(sparse)} | {_gib(sparse, 'extra_mb')} | 1 | 1 |"]
+        for other, label in (("chunked", "chunked (impl dense)"), ("naive", "naive full map")):
+            part = parts[f"loss_{other}{suffix}"]
+            lines.append(f"| {label} | {_sec(part)} | {_gib(part, 'extra_mb')} | {_fmt(r[other]['time'])} | "
+                         f"{_fmt(r[other]['extra'])} |")
+        if f"loss_abs_diff_sparse{suffix}" in ratios:
+            lines.append(f"\n|loss sparse - loss naive| = {ratios[f'loss_abs_diff_sparse{suffix}']:.2e}")
     if summary["failed"]:
         lines += ["", "Not measured: " + ", ".join(
             f"{n} ({parts[n].get('status')}: {str(parts[n].get('error', ''))[:120]})" for n in summary["failed"])]
@@ -539,6 +670,8 @@ def run_parts(args: argparse.Namespace) -> None:
                                    ("batch_size", args.batch_size)) if v is not None}
     if overrides:  # a variant of a named scale; the record keeps the name, the fields show the values
         SCALES[scale_name] = dataclasses.replace(SCALES[scale_name], **overrides)
+    global BATCH_OVERRIDE
+    BATCH_OVERRIDE = args.batch_size
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     names = PARTS if args.part == "all" else tuple(args.part.split(","))
     for name in names:
