@@ -4,7 +4,8 @@ back to 1e-5 and that a known 3D point lands on the pixel the foreign projection
 
 Foreign conventions used below (written from the format documentation, not from the converter):
 * RealEstate10K: `timestamp fx fy cx cy k1 k2` + 3x4 world-to-camera row-major; fx, cx are
-  normalised by the image width, fy, cy by its height; OpenCV axes.
+  normalised by the image width, fy, cy by its height; OpenCV axes. Pixel i's centre has the
+  normalised coordinate (i + 0.5) / W (pixelSplat's `sample_image_grid`).
 * CO3Dv2 / PyTorch3D (pytorch3d.org/docs/cameras): row vectors, X_view = X_world @ R + T; view
   axes +X left, +Y up, +Z forward; x_ndc = f_x X/Z + p_x; NDC +-1 on the outer pixel edges of the
   shorter side (`ndc_isotropic`) or of each side (`ndc_norm_image_bounds`); screen space has
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 
 from cameo_bench.__main__ import main
-from cameo_bench.data.scene_format import SceneFolderError, read_dataset_index, read_scene, scene_dir
+from cameo_bench.data.scene_format import read_dataset_index, read_scene, scene_dir
 
 H, W = 24, 32  # non-square, so x/y and width/height mix-ups show
 POINTS = np.array([[0.3, -0.2, 0.4], [-0.5, 0.6, 0.1], [0.1, 0.1, -0.3]])  # world points seen by every camera
@@ -88,7 +89,7 @@ def write_re10k_clip(folder, clip, K, c2w, images, timestamps, suffix=".png"):
     lines = ["https://www.youtube.com/watch?v=test"]
     for ts, k, pose, image in zip(timestamps, K, c2w, images):
         w2c = np.linalg.inv(pose)[:3]  # 3x4 world-to-camera
-        intr = [k[0, 0] / W, k[1, 1] / H, k[0, 2] / W, k[1, 2] / H, 0.0, 0.0]
+        intr = [k[0, 0] / W, k[1, 1] / H, (k[0, 2] + 0.5) / W, (k[1, 2] + 0.5) / H, 0.0, 0.0]
         lines.append(" ".join([str(ts)] + [repr(float(v)) for v in intr + w2c.reshape(-1).tolist()]))
         save_rgb(folder / clip / f"{ts}{suffix}", image)
     (folder / f"{clip}.txt").write_text("\n".join(lines) + "\n")
@@ -106,21 +107,32 @@ def test_re10k(tmp_path):
     check_scene(scene, K, c2w, images)
     assert scene.meta["timestamps"] == [str(t) for t in timestamps]
     check_scene(read_scene(scene_dir(tmp_path / "out", "clipB")), K[::-1], c2w[::-1], images[::-1])
+    lines = (tmp_path / "src" / "train" / "clipA.txt").read_text().splitlines()[1:]
     for i, X in enumerate(POINTS):
-        # the RE10K projection model: w2c then normalised intrinsics scaled by the image size
-        Xc = np.linalg.inv(c2w[i]) @ np.append(X, 1)
-        expected = [K[i, 0, 0] * Xc[0] / Xc[2] + K[i, 0, 2], K[i, 1, 1] * Xc[1] / Xc[2] + K[i, 1, 2]]
+        # the RE10K / pixelSplat projection: w2c, normalised intrinsics, then pixel index = x W - 0.5
+        v = np.array([float(t) for t in lines[i].split()[1:]])
+        Xc = v[6:].reshape(3, 4) @ np.append(X, 1)
+        xn = [v[0] * Xc[0] / Xc[2] + v[2], v[1] * Xc[1] / Xc[2] + v[3]]
+        expected = [xn[0] * W - 0.5, xn[1] * H - 0.5]
         np.testing.assert_allclose(opencv_project(scene.K[i], scene.c2w[i], X), expected, atol=1e-5)
 
 
-def test_re10k_failure_names_the_file_and_leaves_nothing(tmp_path):
+def failed_convert(capsys, *args) -> str:
+    """Run `data convert`, expect exit code 2 and one line on stderr; return the line."""
+    assert main(["data", "convert", *map(str, args)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cameo-bench data convert: error: ")
+    return err[0]
+
+
+def test_re10k_failure_names_the_file_and_leaves_nothing(tmp_path, capsys):
     K, c2w = known_cameras()
     src = tmp_path / "src"
     write_re10k_clip(src, "good", K, c2w, frame_images(3), [1, 2, 3], suffix=".jpg")
     write_re10k_clip(src, "zbroken", K, c2w, frame_images(3), [1, 2, 3])
     (src / "zbroken" / "2.png").unlink()
-    with pytest.raises(SceneFolderError, match=re.escape(str(src / "zbroken" / "2")) + r"\.png\|jpg"):
-        main(["data", "convert", "--format", "re10k", str(src), str(tmp_path / "out")])
+    err = failed_convert(capsys, "--format", "re10k", src, tmp_path / "out")
+    assert re.search(re.escape(str(src / "zbroken" / "2")) + r"\.png\|jpg", err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no temporary folder
 
     lines = (src / "good.txt").read_text().splitlines()
@@ -129,8 +141,12 @@ def test_re10k_failure_names_the_file_and_leaves_nothing(tmp_path):
     lines[2] = " ".join(fields)
     (src / "good.txt").write_text("\n".join(lines))
     (src / "zbroken.txt").unlink()
-    with pytest.raises(SceneFolderError, match=re.escape(f"{src / 'good.txt'}:3") + ".*not a rigid"):
-        main(["data", "convert", "--format", "re10k", str(src), str(tmp_path / "out")])
+    err = failed_convert(capsys, "--format", "re10k", src, tmp_path / "out")
+    assert re.search(re.escape(f"{src / 'good.txt'}:3") + ".*not a rigid", err)
+    # an option the format does not read is refused, not ignored
+    err = failed_convert(capsys, "--format", "re10k", "--skip-missing", src, tmp_path / "out")
+    assert "--skip-missing does not apply to --format re10k (it applies to: nerfstudio)" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -308,18 +324,13 @@ def test_cli_formats_match_the_registry():
         get_converter("colmp")
 
 
-def test_colmap_rejects_distortion_and_binary_models(tmp_path):
+def test_colmap_zero_distortion_is_kept_as_is(tmp_path):
+    """A distortion model whose parameters are all 0 is a pinhole camera: no resampling."""
     K, _ = known_cameras()
-    write_colmap(tmp_path / "dist", K, colmap_poses(), ["a.png", "b.png", "c.png"], frame_images(3),
-                 distortion=0.05)
-    with pytest.raises(SceneFolderError, match=r"cameras\.txt:2: camera 1 \(OPENCV\) has non-zero distortion"):
-        convert("colmap", tmp_path / "dist", tmp_path / "out")
-    (tmp_path / "bin" / "sparse" / "0").mkdir(parents=True)
-    (tmp_path / "bin" / "sparse" / "0" / "cameras.bin").write_bytes(b"\0")
-    with pytest.raises(SceneFolderError, match="binary COLMAP model.*model_converter"):
-        convert("colmap", tmp_path / "bin", tmp_path / "out")
-    text = (tmp_path / "dist" / "sparse" / "0" / "cameras.txt").read_text()
-    (tmp_path / "dist" / "sparse" / "0" / "cameras.txt").write_text(text.replace("OPENCV", "OPENCV_FISHEYE"))
-    with pytest.raises(SceneFolderError, match="uses model OPENCV_FISHEYE, which is not supported"):
-        convert("colmap", tmp_path / "dist", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+    images = frame_images(3)
+    write_colmap(tmp_path / "s", K, colmap_poses(), ["a.png", "b.png", "c.png"], images, distortion=0.0)
+    convert("colmap", tmp_path / "s", tmp_path / "out")
+    scene = read_scene(scene_dir(tmp_path / "out", "s"))
+    assert scene.meta["camera_models"] == ["OPENCV", "PINHOLE", "SIMPLE_PINHOLE"] and not scene.meta["undistorted"]
+    np.testing.assert_array_equal(np.stack(scene.images), images)
+    np.testing.assert_allclose(scene.K, K, atol=1e-5)

@@ -9,7 +9,14 @@ Layout (notes/data.md §1.4)::
         depth/<frame>.npy                    optional float16 z-depth, 0 or non-finite = invalid
         masks/<frame>.png                    optional uint8 foreground/validity mask
         pointmaps/<source>/<frame>.npz       optional xyz float16 [h,w,3] (world frame), conf [h,w]
+        points3d.npz                         optional sparse 3D points: xyz float32 [P,3] (world), ids int64 [P]
+        tracks/<frame>.npz                   with points3d: point_ids int64 [n], uv float32 [n,2] (pixels)
         meta.json                            provenance (source dataset, seed, licence tag, ...)
+
+Sparse tracks (e.g. COLMAP's points3D and their 2D observations) are exact correspondences without
+dense depth: point `ids[p]` is seen in frame f at `uv[k]` where `point_ids[k] == ids[p]`, in pixels of
+the stored image and the same pixel convention as K. `cameras.json` says `"tracks": true` when a
+scene has them; then every frame has a track file (possibly empty).
 
 Cameras are OpenCV (x right, y down, z forward), camera-to-world, K in pixels with the centre of
 the top-left pixel at (0, 0). Foreign conventions are converted once, by the converters, so that
@@ -21,6 +28,7 @@ training items from a folder is `scene_dataset`'s job.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -35,6 +43,7 @@ import torch
 from PIL import Image
 
 FORMAT = "cameo_bench/scene-v1"
+POINTS3D = "points3d.npz"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEPTH_SOURCES = ("none", "gt_render", "gt_sensor", "mvs", "mono_aligned", "synthetic")
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -65,12 +74,48 @@ class SceneCameras:
     pointmap_sources: list[str] = field(default_factory=list)
     depth_source: str = "none"
     scale_is_metric: bool = False
+    has_tracks: bool = False  # points3d.npz + tracks/<frame>.npz (see the module docstring)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def pointmap_path(self, source: str, i: int) -> Path:
         return self.folder / "pointmaps" / source / f"{self.names[i]}.npz"
+
+    @property
+    def points3d_path(self) -> Path:
+        return self.folder / POINTS3D
+
+    def track_path(self, i: int) -> Path:
+        return self.folder / "tracks" / f"{self.names[i]}.npz"
+
+
+@dataclass
+class SparseTracks:
+    """Sparse 3D points and, per frame, which of them it observes where (interface of `tracks/`).
+
+    ids int64 [P] (unique), xyz float [P, 3] world frame; frames: per frame (point_ids int64 [n],
+    uv float [n, 2]) in pixels of the stored image, centre of the top-left pixel at (0, 0).
+    """
+
+    ids: np.ndarray
+    xyz: np.ndarray
+    frames: list[tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class EncodedImage:
+    """An already encoded png/jpg (e.g. JPEG bytes from a dataset chunk), written as is; `origin`
+    names where it came from in errors (the temporary file it is written to would mean nothing).
+
+    Foreign bytes are decoded once when written, so a corrupt frame fails at conversion; `hw` may be
+    given only by code that has just encoded the bytes from an array of that size (undistortion),
+    which skips that decode.
+    """
+
+    data: bytes
+    origin: str
+    hw: tuple[int, int] | None = None
 
 
 @dataclass
@@ -83,6 +128,7 @@ class Scene:
     masks: list[np.ndarray] | None  # F x uint8 [H, W]
     point_maps: dict[str, tuple[list[np.ndarray], list[np.ndarray]]]  # source -> (xyz [h,w,3], conf [h,w])
     meta: dict
+    tracks: SparseTracks | None = None
 
     @property
     def names(self) -> list[str]:
@@ -114,17 +160,21 @@ def write_scene(
     names: Sequence[str] | None = None,
     depth_source: str | None = None,
     scale_is_metric: bool = False,
+    tracks: SparseTracks | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write one scene folder; it appears complete or not at all (temporary folder + rename).
 
     images: per frame a uint8 array [H, W, 3], a float array/tensor [3, H, W] in [0, 1] (the batch
-        format), or a path to an existing png/jpg that is copied byte for byte (no re-encoding).
+        format), a path to an existing png/jpg that is copied byte for byte (no re-encoding), an
+        `EncodedImage` (png/jpg bytes, written as is), or a zero-argument callable returning one of
+        these (so converters that undistort or decode need not hold a sequence in memory).
     K [F, 3, 3], c2w [F, 4, 4]: OpenCV pixel intrinsics and camera-to-world poses.
     depth: optional [F, H, W] z-depth (stored float16). masks: optional [F, H, W] uint8.
         Items of either may be zero-argument callables, so converters need not hold a whole
         sequence of full-resolution maps in memory.
     point_maps: optional {source: xyz [F, h, w, 3] or (xyz, conf [F, h, w])}, world frame.
+    tracks: optional `SparseTracks` (points3d.npz + tracks/<frame>.npz).
     """
     folder = Path(folder)
     num = len(images)
@@ -144,6 +194,8 @@ def write_scene(
     for source, value in (point_maps or {}).items():
         xyz = value[0] if isinstance(value, tuple) else value
         _check_count(f"point_maps[{source!r}]", xyz, num)
+    if tracks is not None:
+        _check_count("tracks.frames", tracks.frames, num)
     if depth_source is None:
         depth_source = "none" if depth is None else "gt_render"
     if depth_source not in DEPTH_SOURCES:
@@ -168,6 +220,8 @@ def write_scene(
             for i, name in enumerate(names):
                 _write_pointmap(tmp / "pointmaps" / source / f"{name}.npz", xyz[i],
                                 None if conf is None else conf[i], f"point_maps[{source!r}][{i}]")
+        if tracks is not None:
+            _write_tracks(tmp, names, tracks, [(f["h"], f["w"]) for f in frames])
         cameras = {
             "convention": "opencv", "pose": "c2w", "depth": "z",
             "frames": frames,
@@ -175,6 +229,8 @@ def write_scene(
             "depth_source": depth_source,
             "pointmap_sources": sorted(point_maps or {}),
         }
+        if tracks is not None:
+            cameras["tracks"] = True
         (tmp / "cameras.json").write_text(_cameras_json(cameras))
         _write_json(tmp / "meta.json", dict(meta or {}))
     return folder
@@ -295,7 +351,14 @@ def read_cameras(folder: str | Path) -> SceneCameras:
         pointmap_sources=list(data.get("pointmap_sources", [])),
         depth_source=str(data.get("depth_source", "none")),
         scale_is_metric=bool(data.get("scale_is_metric", False)),
+        has_tracks=bool(data.get("tracks", False)),
     )
+    if cameras.has_tracks:
+        missing = [p for p in [cameras.points3d_path, *map(cameras.track_path, range(len(cameras)))]
+                   if not p.is_file()]
+        if missing:
+            raise SceneFolderError(f"{path}: field 'tracks' is true but {missing[0]} is missing"
+                                   + (f" (and {len(missing) - 1} more track files)" if len(missing) > 1 else ""))
     for source in cameras.pointmap_sources:
         for i in range(len(cameras)):
             if not cameras.pointmap_path(source, i).is_file():
@@ -304,14 +367,14 @@ def read_cameras(folder: str | Path) -> SceneCameras:
     return cameras
 
 
-def _decode(path: Path, mode: str, what: str) -> np.ndarray:
+def _decode(path, mode: str, what: str, origin: str | None = None) -> np.ndarray:
     """Decode fully, so that a truncated file fails here, naming it, not in a DataLoader worker later."""
     try:
         with Image.open(path) as im:
             im.load()
             return np.array(im.convert(mode))
     except (OSError, ValueError, SyntaxError) as e:
-        raise SceneFolderError(f"{path}: cannot decode {what} ({e})") from None
+        raise SceneFolderError(f"{origin or path}: cannot decode {what} ({e})") from None
 
 
 def read_image(path: Path, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
@@ -354,6 +417,46 @@ def read_pointmap(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return xyz.astype(np.float32), conf.astype(np.float32)
 
 
+def read_points3d(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """`points3d.npz` -> (ids int64 [P], xyz float32 [P, 3] world frame)."""
+    ids, xyz = _load_npz(path, ("ids", "xyz"), "sparse points")
+    if ids.ndim != 1 or xyz.shape != (len(ids), 3) or not np.issubdtype(ids.dtype, np.integer):
+        raise SceneFolderError(f"{path}: expected integer ids [P] and xyz [P, 3], got {ids.dtype} {ids.shape} "
+                               f"and {xyz.shape}")
+    if not np.isfinite(xyz).all():
+        raise SceneFolderError(f"{path}: field 'xyz' has non-finite points")
+    if len(np.unique(ids)) != len(ids):
+        raise SceneFolderError(f"{path}: field 'ids' has duplicate point ids")
+    return ids.astype(np.int64), xyz.astype(np.float32)
+
+
+def read_track(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """`tracks/<frame>.npz` -> (point_ids int64 [n], uv float32 [n, 2] stored-image pixels)."""
+    point_ids, uv = _load_npz(path, ("point_ids", "uv"), "track")
+    if point_ids.ndim != 1 or uv.shape != (len(point_ids), 2) or not np.issubdtype(point_ids.dtype, np.integer):
+        raise SceneFolderError(f"{path}: expected integer point_ids [n] and uv [n, 2], got {point_ids.dtype} "
+                               f"{point_ids.shape} and {uv.shape}")
+    if not np.isfinite(uv).all():
+        raise SceneFolderError(f"{path}: field 'uv' is not finite")
+    return point_ids.astype(np.int64), uv.astype(np.float32)
+
+
+def read_tracks(cameras: SceneCameras) -> SparseTracks | None:
+    """All tracks of a scene (None without); every observed id must be one of points3d's ids."""
+    if not cameras.has_tracks:
+        return None
+    ids, xyz = read_points3d(cameras.points3d_path)
+    frames = []
+    for i in range(len(cameras)):
+        point_ids, uv = read_track(cameras.track_path(i))
+        unknown = np.setdiff1d(point_ids, ids)
+        if len(unknown):
+            raise SceneFolderError(f"{cameras.track_path(i)}: field 'point_ids' has ids not in "
+                                   f"{cameras.points3d_path} (e.g. {unknown[:5].tolist()})")
+        frames.append((point_ids, uv))
+    return SparseTracks(ids, xyz, frames)
+
+
 def read_scene(folder: str | Path) -> Scene:
     """Load and validate a whole scene folder (every file it references)."""
     folder = Path(folder)
@@ -368,7 +471,7 @@ def read_scene(folder: str | Path) -> Scene:
         point_maps[source] = ([x for x, _ in loaded], [c for _, c in loaded])
     meta_path = folder / "meta.json"
     meta = _read_json(meta_path) if meta_path.exists() else {}
-    return Scene(cams, images, depth, masks, point_maps, meta)
+    return Scene(cams, images, depth, masks, point_maps, meta, tracks=read_tracks(cams))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,6 +542,19 @@ def _all_or_none(paths: list, path: Path, key: str) -> list | None:
 
 
 def _write_image(folder: Path, name: str, image) -> tuple[str, tuple[int, int]]:
+    if callable(image):
+        image = image()
+    if isinstance(image, EncodedImage):
+        suffix = _encoded_suffix(image.data)
+        if suffix is None:
+            raise SceneFolderError(f"{image.origin}: not a png or jpg (first bytes {image.data[:8]!r})")
+        if image.hw is not None:
+            h, w = image.hw
+        else:
+            h, w = _decode(io.BytesIO(image.data), "RGB", "image", image.origin).shape[:2]  # a corrupt frame fails now
+        rel = f"images/{name}{suffix}"
+        (folder / rel).write_bytes(image.data)
+        return rel, (h, w)
     if isinstance(image, (str, os.PathLike)):
         src = Path(image)
         suffix = src.suffix.lower()
@@ -459,6 +575,42 @@ def _write_image(folder: Path, name: str, image) -> tuple[str, tuple[int, int]]:
     rel = f"images/{name}.png"
     Image.fromarray(array).save(folder / rel, format="PNG", compress_level=1)
     return rel, array.shape[:2]
+
+
+def _encoded_suffix(data: bytes) -> str | None:
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return ".png"
+    if data[:3] == b"\xff\xd8\xff":
+        return ".jpg"
+    return None
+
+
+def _write_tracks(folder: Path, names: list[str], tracks: SparseTracks, sizes: list[tuple[int, int]]) -> None:
+    """points3d.npz + one tracks/<frame>.npz per frame; observations must lie on their image."""
+    ids = _as_numpy(tracks.ids, "tracks.ids")
+    xyz = _as_numpy(tracks.xyz, "tracks.xyz").astype(np.float64)
+    if ids.ndim != 1 or xyz.shape != (len(ids), 3) or not np.issubdtype(ids.dtype, np.integer):
+        raise SceneFolderError(f"tracks: expected integer ids [P] and xyz [P, 3], got {ids.dtype} {ids.shape} "
+                               f"and {xyz.shape}")
+    if len(np.unique(ids)) != len(ids) or not np.isfinite(xyz).all():
+        raise SceneFolderError("tracks: ids must be unique and xyz finite")
+    np.savez(folder / POINTS3D, xyz=xyz.astype(np.float32), ids=ids.astype(np.int64))
+    (folder / "tracks").mkdir()
+    for i, (name, (point_ids, uv), (h, w)) in enumerate(zip(names, tracks.frames, sizes)):
+        point_ids = _as_numpy(point_ids, f"tracks.frames[{i}]").astype(np.int64).reshape(-1)
+        uv = _as_numpy(uv, f"tracks.frames[{i}]").astype(np.float64).reshape(-1, 2)
+        where = f"tracks.frames[{i}] (frame {name!r})"
+        if len(uv) != len(point_ids) or not np.isfinite(uv).all():
+            raise SceneFolderError(f"{where}: need finite uv [n, 2] for n point ids, got {uv.shape} for "
+                                   f"{len(point_ids)}")
+        unknown = np.setdiff1d(point_ids, ids)
+        if len(unknown):
+            raise SceneFolderError(f"{where}: point ids {unknown[:5].tolist()} are not in tracks.ids")
+        off = (uv[:, 0] < -0.5) | (uv[:, 0] > w - 0.5) | (uv[:, 1] < -0.5) | (uv[:, 1] > h - 0.5)
+        if off.any():
+            raise SceneFolderError(f"{where}: {int(off.sum())} observations lie outside the {h}x{w} image, "
+                                   f"e.g. uv = {uv[off][0].tolist()}")
+        np.savez(folder / "tracks" / f"{name}.npz", point_ids=point_ids, uv=uv.astype(np.float32))
 
 
 def _write_depth(folder: Path, name: str, depth, hw: tuple[int, int], key: str) -> str:
@@ -495,6 +647,18 @@ def _write_pointmap(path: Path, xyz, conf, key: str) -> None:
     if conf.shape != xyz.shape[:2]:
         raise SceneFolderError(f"{key}: conf shape {conf.shape} does not match xyz {xyz.shape[:2]}")
     np.savez(path, xyz=xyz.astype(np.float16), conf=conf.astype(np.float16))
+
+
+def _load_npz(path: Path, keys: tuple[str, ...], what: str) -> tuple[np.ndarray, ...]:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return tuple(data[k] for k in keys)
+    except KeyError as e:
+        raise SceneFolderError(f"{path}: missing array {e.args[0]!r} (expected {list(keys)})") from None
+    except FileNotFoundError:
+        raise SceneFolderError(f"{path}: file does not exist") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise SceneFolderError(f"{path}: cannot read {what} ({e})") from None
 
 
 def _load_npy(path: Path) -> np.ndarray:

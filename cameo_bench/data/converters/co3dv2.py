@@ -36,7 +36,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cameo_bench.data.converters import ConvertedScene, image_hw, register_converter, rigid_from_w2c
+from cameo_bench.data.converters.base import (
+    ConvertedScene,
+    ConvertOptions,
+    image_hw,
+    register_converter,
+    rigid_from_w2c,
+)
 from cameo_bench.data.scene_format import SceneFolderError, validate_c2w
 
 ANNOTATIONS = "frame_annotations.jgz"
@@ -133,7 +139,7 @@ def _load_mask(path: Path, hw: tuple[int, int], where: str) -> np.ndarray:
 
 
 @register_converter("co3dv2")
-def iter_scenes(src: Path) -> Iterator[ConvertedScene]:
+def iter_scenes(src: Path, options: ConvertOptions) -> Iterator[ConvertedScene]:
     root, categories = _categories(src)
     for cat in categories:
         ann_path = cat / ANNOTATIONS

@@ -10,10 +10,14 @@ YouTube videos by the user, one image per camera line, named by its timestamp)::
 
 A frame line holds 19 numbers: `timestamp fx fy cx cy k1 k2` then the 3x4 world-to-camera matrix
 row-major. Intrinsics are normalised (fx, cx by the image width; fy, cy by its height), so K is
-built from the size of the decoded frame: K = [[fx W, 0, cx W], [0, fy H, cy H], [0, 0, 1]].
-Poses already use OpenCV axes; c2w = inverse(w2c). Scale comes from SLAM: not metric. The format
-does not say whether cx = 0.5 means the image centre in corner or pixel-centre coordinates; we
-follow pixelSplat (no half-pixel shift), an ambiguity of at most half a pixel.
+built from the size of the decoded frame (`normalised_K`). Poses already use OpenCV axes;
+c2w = inverse(w2c). Scale comes from SLAM: not metric.
+
+Pixel convention: the release does not define it; we follow pixelSplat, whose normalised image
+coordinates put pixel i's centre at (i + 0.5) / W (`sample_image_grid` in its
+src/geometry/projection.py), so cx = 0.5 is the centre of the image and, with our centre of the
+top-left pixel at (0, 0): K = [[fx W, 0, cx W - 0.5], [0, fy H, cy H - 0.5], [0, 0, 1]].
+(Before this was pinned the converter wrote cx W, half a pixel off.)
 """
 from __future__ import annotations
 
@@ -22,10 +26,24 @@ from pathlib import Path
 
 import numpy as np
 
-from cameo_bench.data.converters import ConvertedScene, find_image, image_hw, register_converter, rigid_from_w2c
+from cameo_bench.data.converters.base import (
+    ConvertedScene,
+    ConvertOptions,
+    find_image,
+    image_hw,
+    register_converter,
+    rigid_from_w2c,
+)
 from cameo_bench.data.scene_format import SceneFolderError, validate_c2w
 
 NUMBERS_PER_LINE = 19
+
+
+def normalised_K(fx: float, fy: float, cx: float, cy: float, hw: tuple[int, int]) -> np.ndarray:
+    """Pixel K [3, 3] (centre of the top-left pixel at (0, 0)) from RE10K / pixelSplat normalised
+    intrinsics, whose pixel i has its centre at (i + 0.5) / W."""
+    H, W = hw
+    return np.array([[fx * W, 0, cx * W - 0.5], [0, fy * H, cy * H - 0.5], [0, 0, 1.0]])
 
 
 def _clip_files(src: Path) -> list[tuple[str | None, Path]]:
@@ -73,7 +91,7 @@ def parse_camera_file(path: Path) -> tuple[str, list[str], np.ndarray, np.ndarra
 
 
 @register_converter("re10k")
-def iter_scenes(src: Path) -> Iterator[ConvertedScene]:
+def iter_scenes(src: Path, options: ConvertOptions) -> Iterator[ConvertedScene]:
     for split, txt in _clip_files(src):
         url, timestamps, intr, w2c = parse_camera_file(txt)
         frame_dir = txt.with_suffix("")
@@ -82,8 +100,7 @@ def iter_scenes(src: Path) -> Iterator[ConvertedScene]:
             image = find_image(frame_dir / ts)
             if image is None:
                 raise SceneFolderError(f"{txt}: frame {ts} has no image {frame_dir / ts}.png|jpg")
-            H, W = image_hw(image)
-            Ks.append(np.array([[fx * W, 0, cx * W], [0, fy * H, cy * H], [0, 0, 1]]))
+            Ks.append(normalised_K(fx, fy, cx, cy, image_hw(image)))
             images.append(image)
         c2w = np.stack([rigid_from_w2c(M[:3, :3], M[:3, 3]) for M in w2c])
         yield ConvertedScene(
