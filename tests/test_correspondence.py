@@ -18,8 +18,8 @@ from cameo_bench.correspondence.controls import shuffle_targets
 from cameo_bench.correspondence.matches import detect, verified_matches
 from cameo_bench.correspondence.pointmap import token_points
 
-SOURCES = ["depth", "pointmap_nn", "noisy_depth", "matches", "epipolar", "shuffled", "none"]
-WITH_COST = {"depth", "pointmap_nn", "noisy_depth", "shuffled"}  # sources that measure a 3D match distance
+SOURCES = ["depth", "pointmap_nn", "noisy_depth", "matches", "epipolar", "shuffled", "none", "sfm_tracks"]
+WITH_COST = {"depth", "pointmap_nn", "noisy_depth", "shuffled", "sfm_tracks"}  # sources with a match distance
 
 
 # ----------------------------------------------------------------------------- scene builders
@@ -68,6 +68,34 @@ def slab_scene(size: int, f: float, xs: list[float], Z_b: float, occluder=None) 
         "intrinsics": K.expand(1, V, 3, 3).clone(),
         "cam2world": torch.stack([pose(t=(tx, 0.0, 0.0)) for tx in xs])[None],
     }
+
+
+def with_slab_tracks(batch: dict, num_points: int = 40, seed: int = 0) -> dict:
+    """Add SfM-style tracks to a slab scene: random background points, observed in a view where
+    they project inside it and the view's depth map shows the background there (not occluded)."""
+    rng = np.random.default_rng(seed)
+    depth = batch["depth"][0].numpy()
+    K = batch["intrinsics"][0, 0].numpy()
+    xs = batch["cam2world"][0, :, 0, 3].numpy()
+    V, H, W = depth.shape
+    Z = depth.max()
+    X = np.stack([rng.uniform(-1.5, 2.5, num_points), rng.uniform(-1.5, 1.5, num_points), np.full(num_points, Z)], 1)
+    ids, uvs = [], []
+    for v in range(V):
+        u = K[0, 0] * (X[:, 0] - xs[v]) / Z + K[0, 2]
+        w = K[1, 1] * X[:, 1] / Z + K[1, 2]
+        col, row = np.floor(u + 0.5).astype(int), np.floor(w + 0.5).astype(int)
+        ok = (col >= 0) & (col < W) & (row >= 0) & (row < H)
+        ok[ok] &= depth[v, row[ok], col[ok]] == Z
+        ids.append(np.nonzero(ok)[0])
+        uvs.append(np.stack([u, w], 1)[ok])
+    M = max(len(i) for i in ids)
+    track_ids = torch.full((1, V, M), -1, dtype=torch.long)
+    track_uv = torch.zeros(1, V, M, 2, dtype=torch.float64)
+    for v in range(V):
+        track_ids[0, v, :len(ids[v])] = torch.from_numpy(ids[v])
+        track_uv[0, v, :len(ids[v])] = torch.from_numpy(uvs[v])
+    return {**batch, "track_ids": track_ids, "track_uv": track_uv}
 
 
 def brute_force_slab(batch: dict, stride: int, mode: str, k: int = 4, min_visible: float = 0.5):
@@ -165,7 +193,7 @@ def test_missing_batch_keys_and_bad_options_fail_before_computing():
 
 @pytest.mark.parametrize("name", [s for s in SOURCES if s != "none"])
 def test_every_source_fills_the_sparse_format_and_never_supervises_own_view(name):
-    batch = slab_scene(16, 16.0, [0.0, 0.5, 1.0], 4.0, occluder=(2.0, -0.2, 0.3, -1.0, 1.0))
+    batch = with_slab_tracks(slab_scene(16, 16.0, [0.0, 0.5, 1.0], 4.0, occluder=(2.0, -0.2, 0.3, -1.0, 1.0)))
     targets = compute_targets(name, batch, (3, 8, 8), 2)
     B, N, V, k = targets.idx.shape
     assert (B, N, V) == (1, 3 * 64, 3) and targets.valid.dtype == torch.bool

@@ -3,7 +3,8 @@
     targets = compute_targets("depth", batch, grid=(V, h, w), stride=s, mode="soft", k=4)
 
 Registered sources (see each module): `depth` (default), `pointmap_nn` (the official CAMEO
-method), `noisy_depth`, `matches`, `epipolar` (soft only), and the controls `shuffled` and `none`
+method), `noisy_depth`, `matches`, `epipolar` (soft only), `sfm_tracks` (SfM points seen in both
+views), and the controls `shuffled` and `none`
 (`none` returns None: the engine runs no tap). `get_source(name).check(batch)` fails before
 training when the data lacks what a source needs.
 """
@@ -18,6 +19,7 @@ from cameo_bench.correspondence.targets import CorrespondenceTargets
 
 # Importing the source modules registers them.
 from cameo_bench.correspondence import depth, pointmap, noisy_depth, matches, epipolar, controls  # noqa: E402,F401
+from cameo_bench.correspondence import sfm_tracks  # noqa: E402,F401
 
 __all__ = [
     "CorrespondenceTargets",

@@ -8,6 +8,9 @@ The targets' `cost` (what `onehot_global` ranks key views by) is the world dista
 too few visible pixels) or either centre pixel has no depth. Unlike `pointmap_nn`'s nearest
 distance it is only defined where the target is: reprojection finds no match in a view that
 does not see the point.
+Without dense depth the source reads `sparse_depth` (z of SfM points, 0 elsewhere; `depth_key`),
+where a token centre almost never has depth: `correspondence/sparse.py` then matches every point
+pixel, with no occlusion test in view j (`sfm_tracks` uses SfM's visibility instead).
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 from einops import rearrange
 
 from cameo_bench.correspondence.registry import register_source
+from cameo_bench.correspondence.sparse import sparse_depth_targets
 from cameo_bench.correspondence.targets import CorrespondenceTargets
 from cameo_bench.correspondence.tokens import (
     assemble,
@@ -30,6 +34,8 @@ from cameo_bench.geometry import reproject, unproject
 
 MODES = ("center", "argmax", "soft")
 DEPTH_KEYS = ("depth", "intrinsics", "cam2world")
+SPARSE_DEPTH_KEYS = ("sparse_depth", "intrinsics", "cam2world")
+DEPTH_KEY_CHOICES = ("auto", "depth", "sparse_depth")
 _MAX_PIXELS_PER_CHUNK = 1 << 22
 
 
@@ -138,7 +144,7 @@ def depth_targets(
     return assemble(idx, weight.reshape(*shape, kk), valid, grid, vi, vj, cost=cost)
 
 
-@register_source("depth", requires=(DEPTH_KEYS,))
+@register_source("depth", requires=(DEPTH_KEYS, SPARSE_DEPTH_KEYS))
 def depth_source(
     batch,
     grid,
@@ -148,8 +154,21 @@ def depth_source(
     k: int = 4,
     min_visible: float = 0.5,
     rel_tol: float = 0.02,
+    depth_key: str = "auto",
 ) -> CorrespondenceTargets:
-    """Reprojection of ground-truth depth with an occlusion test (the default source)."""
+    """Reprojection of ground-truth depth with an occlusion test (the default source).
+
+    `depth_key`: `auto` = dense `depth` when the batch has it, else `sparse_depth`.
+    """
+    if depth_key not in DEPTH_KEY_CHOICES:
+        raise ValueError(f"depth_key {depth_key!r} is not one of {list(DEPTH_KEY_CHOICES)}")
+    key = ("depth" if "depth" in batch else "sparse_depth") if depth_key == "auto" else depth_key
+    if key not in batch:
+        raise KeyError(f"depth source with depth_key={depth_key!r} needs batch key {key!r}; "
+                       f"the batch has {sorted(batch)}")
+    if key == "sparse_depth":
+        return sparse_depth_targets(batch["sparse_depth"], batch["intrinsics"], batch["cam2world"], grid, stride,
+                                    mode=mode, k=k)
     return depth_targets(
         batch["depth"], batch["intrinsics"], batch["cam2world"], grid, stride,
         mode=mode, k=k, min_visible=min_visible, rel_tol=rel_tol,

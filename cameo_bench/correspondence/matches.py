@@ -9,6 +9,11 @@ j -> i) come from the same match set, so the targets are symmetric.
 Measured on repetitive procedural textures (notes/data.md 2c): few matches at 64 px and a collapse
 beyond ~30 degrees; meaningful on larger, non-repetitive images.
 The loop over pairs is in Python because OpenCV is per image; cost is ~ms per pair.
+Resolution: SIFT needs pixels. On the 32-64 px model input few keypoints survive, so when the batch
+has a `match_image` (the same crop at a larger size: gin `data.match_image_size`, e.g. the stored
+size) the source detects and matches there (`image_key = "auto"`, the default) and maps keypoints
+to model pixels, u = (u_match + 1/2) W / W_match - 1/2 per axis; `ransac_threshold` and
+`max_sampson` are then in match-image pixels.
 The targets carry no `cost` (no 3D distance without depth): `onehot_global` falls back to the
 first valid key view.
 """
@@ -21,6 +26,8 @@ import torch
 from cameo_bench.correspondence.registry import register_source
 from cameo_bench.correspondence.targets import CorrespondenceTargets
 from cameo_bench.correspondence.tokens import assemble, view_pairs
+
+IMAGE_KEYS = ("auto", "image", "match_image")
 from cameo_bench.geometry import relative_pose
 
 
@@ -81,6 +88,11 @@ def _tokens_np(pts: np.ndarray, stride: int, h: int, w: int) -> np.ndarray:
     return (row * w + col).astype(np.int64)
 
 
+def _to_model(pts: np.ndarray, sx: float, sy: float) -> np.ndarray:
+    """Match-image pixels [n, 2] -> model-image pixels (pixel-centre convention, per axis)."""
+    return np.stack([(pts[:, 0] + 0.5) / sx - 0.5, (pts[:, 1] + 0.5) / sy - 0.5], axis=1) if len(pts) else pts
+
+
 def _fill(idx, valid, best, pts_q, pts_k, dist, stride, h, w) -> None:
     """Write one direction's matches into one pair's arrays [T]; the smallest descriptor distance
     wins when a query token holds several keypoints."""
@@ -131,19 +143,31 @@ def matches_source(
     contrast_threshold: float = 0.02,
     max_keypoints: int = 0,
     seed: int = 0,
+    image_key: str = "auto",
 ) -> CorrespondenceTargets:
     """SIFT (OpenCV) + ratio test + mutual check + optional RANSAC F / Sampson filter; sparse.
 
     `max_sampson` (pixels) filters with the fundamental matrix of the known poses (needs
     intrinsics and cam2world); on repetitive textures it cannot reject matches that slide along the
     epipolar line. `seed` seeds OpenCV's RANSAC so that the targets are reproducible.
+    `image_key`: where SIFT runs: `auto` = `match_image` when the batch has it, else `image`.
     """
     V, h, w = grid
     image = batch["image"]
     B = image.shape[0]
+    if image_key not in IMAGE_KEYS:
+        raise ValueError(f"image_key {image_key!r} is not one of {list(IMAGE_KEYS)}")
+    key = ("match_image" if "match_image" in batch else "image") if image_key == "auto" else image_key
+    if key not in batch:
+        raise KeyError(f"matches with image_key={image_key!r} needs batch key {key!r} (gin data.match_image_size); "
+                       f"the batch has {sorted(batch)}")
     if max_sampson is not None and not {"intrinsics", "cam2world"} <= set(batch):
         raise KeyError("matches with max_sampson needs batch keys ['intrinsics', 'cam2world']")
-    gray = _gray_uint8(image)
+    source = batch[key]
+    H, W = image.shape[-2:]
+    sy, sx = source.shape[-2] / H, source.shape[-1] / W  # match-image pixels per model pixel
+    to_source = np.array([[sx, 0, 0.5 * (sx - 1)], [0, sy, 0.5 * (sy - 1)], [0, 0, 1.0]])  # model -> source px
+    gray = _gray_uint8(source)
     features = [[detect(gray[b, v], contrast_threshold, max_keypoints) for v in range(V)] for b in range(B)]
 
     vi, vj = view_pairs(V)
@@ -159,11 +183,15 @@ def matches_source(
                 F_ac = None
                 if max_sampson is not None:
                     K, c2w = batch["intrinsics"][b], batch["cam2world"][b]
+                    if (sx, sy) != (1.0, 1.0):
+                        K = torch.as_tensor(to_source, dtype=K.dtype, device=K.device) @ K  # [V, 3, 3] source px
                     F_ac = fundamental_from_poses(K[a], c2w[a], K[c], c2w[c])
                 pa, pc, dist = verified_matches(
                     features[b][a], features[b][c], ratio=ratio, mutual=mutual, ransac=ransac,
                     ransac_threshold=ransac_threshold, F_ab=F_ac, max_sampson=max_sampson,
                 )
+                if (sx, sy) != (1.0, 1.0):
+                    pa, pc = _to_model(pa, sx, sy), _to_model(pc, sx, sy)
                 p_ac, p_ca = pair_of[(a, c)], pair_of[(c, a)]
                 _fill(idx[b, p_ac], valid[b, p_ac], best[b, p_ac], pa, pc, dist, stride, h, w)
                 _fill(idx[b, p_ca], valid[b, p_ca], best[b, p_ca], pc, pa, dist, stride, h, w)

@@ -7,7 +7,15 @@ A batch is a plain dict of tensors (see design.md, Conventions):
     cam2world  [B, V, 4, 4]     float, OpenCV axes, rigid
     depth      [B, V, H, W]     float z-depth, 0 or non-finite = invalid      (optional)
     point_map  [B, V, 3, H, W]  float world-frame points                      (optional)
+    sparse_depth [B, V, H, W]   float z of the view's SfM points, 0 = no point (optional)
+    track_ids  [B, V, M]        long SfM point id per observation, -1 = padding (optional, with track_uv)
+    track_uv   [B, V, M, 2]     float its pixel position in this (resized) view
+    match_image [B, V, 3, h, w] float in [0, 1], the same crop at another size, for SIFT (optional)
     num_ref    int              views [0, num_ref) are references, 1 <= num_ref < V
+    latent     [B, V, C, h, w]  float model-space latents (`data.latents` cache)  (optional)
+
+A batch from the latent cache carries `latent` instead of `image` (training reads no image);
+its H, W are then those of its image-sized keys (`depth`, ...), which must agree.
 
 Dataset items are the same dict without the B dimension. Checking happens once, at the loader
 boundary, so that a wrong shape fails with the key's name instead of deep inside a model.
@@ -23,7 +31,9 @@ import torch
 __all__ = ["BatchFormatError", "REQUIRED_KEYS", "OPTIONAL_KEYS", "validate_batch", "collate", "batch_to"]
 
 REQUIRED_KEYS = ("image", "intrinsics", "cam2world", "num_ref")
-OPTIONAL_KEYS = ("depth", "point_map")
+OPTIONAL_KEYS = ("depth", "point_map", "sparse_depth", "track_ids", "track_uv", "match_image")
+# Keys whose items differ in length (dimension 1 of an item, M observations): collate pads them.
+PADDED_KEYS = {"track_ids": -1, "track_uv": 0.0}
 
 # Per-view layouts after the (B, V) prefix; strings are sizes taken from `image`.
 _LAYOUTS: dict[str, tuple[int | str, ...]] = {
@@ -32,6 +42,7 @@ _LAYOUTS: dict[str, tuple[int | str, ...]] = {
     "cam2world": (4, 4),
     "depth": ("H", "W"),
     "point_map": (3, "H", "W"),
+    "sparse_depth": ("H", "W"),
 }
 
 # Colour values a hair outside [0, 1] come from float round-off in resizing/conversion; anything
@@ -64,6 +75,32 @@ def _check_shape(key: str, tensor: Any, prefix: dict[str, int], sizes: dict[str,
         raise BatchFormatError(f"batch[{key!r}]: expected a floating-point tensor, got {tensor.dtype}")
 
 
+def _check_sparse_keys(batch: Mapping[str, Any], prefix: dict[str, int]) -> None:
+    """track_ids [*, M] long with track_uv [*, M, 2] float (M free); match_image [*, 3, h, w] float."""
+    lead = tuple(prefix.values())
+    dims = ", ".join(f"{k}={v}" for k, v in prefix.items())
+    if ("track_ids" in batch) != ("track_uv" in batch):
+        raise BatchFormatError(f"batch has {'track_ids' if 'track_ids' in batch else 'track_uv'} without "
+                               f"{'track_uv' if 'track_ids' in batch else 'track_ids'}; they come together")
+    if "track_ids" in batch:
+        ids, uv = batch["track_ids"], batch["track_uv"]
+        if not isinstance(ids, torch.Tensor) or ids.ndim != len(lead) + 1 or tuple(ids.shape[:-1]) != lead \
+                or ids.dtype != torch.long:
+            got = f"{ids.dtype} {list(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
+            raise BatchFormatError(f"batch['track_ids']: expected a long tensor [{dims}, M], got {got}")
+        want = (*ids.shape, 2)
+        if not isinstance(uv, torch.Tensor) or tuple(uv.shape) != want or not uv.is_floating_point():
+            got = f"{uv.dtype} {list(uv.shape)}" if isinstance(uv, torch.Tensor) else type(uv).__name__
+            raise BatchFormatError(f"batch['track_uv']: expected a float tensor {list(want)} (like track_ids "
+                                   f"plus 2), got {got}")
+    if "match_image" in batch:
+        m = batch["match_image"]
+        if not isinstance(m, torch.Tensor) or m.ndim != len(lead) + 3 or tuple(m.shape[:len(lead) + 1]) != (*lead, 3) \
+                or not m.is_floating_point():
+            got = f"{m.dtype} {list(m.shape)}" if isinstance(m, torch.Tensor) else type(m).__name__
+            raise BatchFormatError(f"batch['match_image']: expected a float tensor [{dims}, 3, h, w], got {got}")
+
+
 def validate_batch(batch: Mapping[str, Any], *, batched: bool = True) -> Mapping[str, Any]:
     """Raise `BatchFormatError` naming the key, the expected and the actual shape on any violation.
 
@@ -72,26 +109,35 @@ def validate_batch(batch: Mapping[str, Any], *, batched: bool = True) -> Mapping
     """
     if not isinstance(batch, Mapping):
         raise BatchFormatError(f"a batch must be a dict of tensors, got {type(batch).__name__}")
-    missing = [k for k in REQUIRED_KEYS if k not in batch]
+    latent_only = "image" not in batch and "latent" in batch  # the latent cache's training items
+    missing = [k for k in REQUIRED_KEYS if k not in batch and not (k == "image" and latent_only)]
     if missing:
         raise BatchFormatError(f"batch is missing required key(s) {missing}; it has {sorted(batch)}")
 
-    image = batch["image"]
+    image = batch["latent" if latent_only else "image"]
     lead = 2 if batched else 1
     layout = "[B, V, 3, H, W]" if batched else "[V, 3, H, W]"
-    if not isinstance(image, torch.Tensor) or image.ndim != lead + 3 or image.shape[lead] != 3:
+    if latent_only:
+        if not isinstance(image, torch.Tensor) or image.ndim != lead + 3:
+            got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise BatchFormatError(f"batch['latent']: expected shape {layout.replace('3, H, W', 'C, h, w')}, got {got}")
+    elif not isinstance(image, torch.Tensor) or image.ndim != lead + 3 or image.shape[lead] != 3:
         got = list(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
         raise BatchFormatError(f"batch['image']: expected shape {layout}, got {got}")
     H, W = image.shape[-2:]
+    if latent_only:  # image-sized keys must agree with each other, not with the latent
+        sized = [batch[k] for k in _LAYOUTS if k in batch and _LAYOUTS[k][-2:] == ("H", "W")]
+        H, W = sized[0].shape[-2:] if sized and isinstance(sized[0], torch.Tensor) else (H, W)
     prefix = {"B": image.shape[0], "V": image.shape[1]} if batched else {"V": image.shape[0]}
     sizes = {"H": H, "W": W}
     num_views = prefix["V"]
 
     for key in _LAYOUTS:
-        if key in batch or key not in OPTIONAL_KEYS:
+        if key in batch or (key not in OPTIONAL_KEYS and not (key == "image" and latent_only)):
             _check_shape(key, batch[key], prefix, sizes)
+    _check_sparse_keys(batch, prefix)
 
-    if image.numel():
+    if not latent_only and image.numel():
         lo, hi = image.min().item(), image.max().item()
         if not (lo >= -_IMAGE_TOLERANCE and hi <= 1 + _IMAGE_TOLERANCE):  # also catches NaN
             raise BatchFormatError(f"batch['image']: values must lie in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
@@ -135,6 +181,8 @@ def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         values = [item[key] for item in items]
         if key == "num_ref":
             batch[key] = num_refs[0]
+        elif key in PADDED_KEYS and isinstance(values[0], torch.Tensor):
+            batch[key] = _pad_stack(values, PADDED_KEYS[key])
         elif isinstance(values[0], torch.Tensor):
             shapes = {tuple(v.shape) for v in values}
             if len(shapes) > 1:
@@ -145,6 +193,18 @@ def collate(items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         else:
             batch[key] = values
     return batch
+
+
+def _pad_stack(values: Sequence[torch.Tensor], fill) -> torch.Tensor:
+    """Stack items [V, M_n, ...] padded along M to the largest M_n with `fill`."""
+    M = max(v.shape[1] for v in values)
+    out = values[0].new_full((len(values), values[0].shape[0], M, *values[0].shape[2:]), fill)
+    for n, v in enumerate(values):
+        if v.shape[0] != out.shape[1] or v.shape[2:] != out.shape[3:]:
+            raise BatchFormatError(f"collate: item {n} has shape {list(v.shape)}, item 0 {list(values[0].shape)} "
+                                   "(only dimension 1, the number of observations, may differ)")
+        out[n, :, :v.shape[1]] = v
+    return out
 
 
 def batch_to(batch: Mapping[str, Any], device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, Any]:

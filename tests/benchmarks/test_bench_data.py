@@ -39,6 +39,33 @@ SMOKE = dataclasses.replace(REFERENCE, batch_size=1, image_size=16,
                             dit=gpu_check.BackboneChoice("mv_dit", "micro", "depth:0.5"))
 
 
+def with_tracks(batch: dict, per_view: int = 64, seed: int = 0) -> dict:
+    """SfM-like tracks for `sfm_tracks`: `per_view` random pixels of each view lifted by its depth and
+    observed in every view that sees them (the occlusion test of `geometry.reproject`)."""
+    from cameo_bench.geometry import reproject
+
+    depth, K, c2w = batch["depth"], batch["intrinsics"], batch["cam2world"]
+    B, V, H, W = depth.shape
+    picks = torch.randperm(H * W, generator=torch.Generator().manual_seed(seed))[:per_view]  # [P]
+    ids = [[[] for _ in range(V)] for _ in range(B)]
+    uvs = [[[] for _ in range(V)] for _ in range(B)]
+    for i in range(V):
+        for j in range(V):
+            uv, ok = reproject(depth[:, i], K[:, i], c2w[:, i], K[:, j], c2w[:, j], depth[:, j])  # [B, H, W, 2]
+            uv, ok = uv.flatten(1, 2)[:, picks], ok.flatten(1, 2)[:, picks]  # [B, P, 2], [B, P]
+            for b in range(B):
+                ids[b][j].append((i * H * W + picks)[ok[b]])
+                uvs[b][j].append(uv[b][ok[b]].float())
+    M = max(sum(len(x) for x in ids[b][j]) for b in range(B) for j in range(V))
+    track_ids = torch.full((B, V, M), -1, dtype=torch.long)
+    track_uv = torch.zeros(B, V, M, 2)
+    for b in range(B):
+        for j in range(V):
+            got_ids, got_uv = torch.cat(ids[b][j]), torch.cat(uvs[b][j])
+            track_ids[b, j, :len(got_ids)], track_uv[b, j, :len(got_ids)] = got_ids, got_uv
+    return {**batch, "track_ids": track_ids, "track_uv": track_uv}
+
+
 @dataclasses.dataclass
 class Reference:
     batch: dict
@@ -70,7 +97,7 @@ def reference(measuring, tmp_path_factory) -> Reference:
             step_s = statistics.median(seconds)
     finally:
         torch.set_num_threads(threads)
-    return Reference(batch, grid, layer.stride, step_s)
+    return Reference(with_tracks(batch), grid, layer.stride, step_s)
 
 
 @pytest.mark.parametrize("source", SOURCES)
