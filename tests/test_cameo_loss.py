@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from backbones.interface import TapResult
+from cameo_bench.objectives import alignment_sparse
 from cameo_bench.objectives.alignment import CameoLoss
 from cameo_bench.correspondence.targets import CorrespondenceTargets
 
@@ -120,6 +121,8 @@ def naive_loss(Fz, targets, cost, query_idx, opts):
         t = torch.stack([T[:, :, :, j, j] for j in range(V)], 3)
     else:  # row = every supported key
         a, la, t = A.flatten(-2)[:, :, :, None], logA.flatten(-2)[:, :, :, None], T.flatten(-2)
+    if opts.get("log_eps", 0.0) > 0:  # the released code's log(p + eps)
+        la = (a + opts["log_eps"]).log()
     if opts["loss"] == "ce":
         L = -(t * la).sum(-1)
     elif opts["loss"] == "kl":
@@ -151,8 +154,9 @@ def problem():
     return make_problem()
 
 
-def run_both(problem, opts, qpv=None, chunk_size=16, backward="fused", cost=None, seed=3, Fz=None):
-    """(chunked loss, diagnostics, naive loss, leaf tensors) for one option set.
+def run_both(problem, opts, qpv=None, chunk_size=16, backward="fused", cost=None, seed=3, Fz=None, query_idx=None):
+    """(CameoLoss value, diagnostics, naive loss, leaf tensors, naive fused logits) for one option
+    set (`opts` may name the `impl`).
 
     `Fz` may hold the naive fused logits from an earlier call with the same head (same seeded
     parameters) when gradients are not compared.
@@ -162,7 +166,8 @@ def run_both(problem, opts, qpv=None, chunk_size=16, backward="fused", cost=None
         targets = CorrespondenceTargets(targets.idx, targets.weight, targets.valid, targets.grid, cost)
     cameo = CameoLoss(H, queries_per_view=qpv, chunk_size=chunk_size, backward=backward, **opts)
     randomise_head(cameo)
-    query_idx = cameo.select_queries(targets, NUM_REF, torch.Generator().manual_seed(seed))
+    if query_idx is None:
+        query_idx = cameo.select_queries(targets, NUM_REF, torch.Generator().manual_seed(seed))
     q_full, k_all = q_full.clone().requires_grad_(True), k_all.clone().requires_grad_(True)
     got, diag = cameo(tap_for(q_full, k_all, query_idx), targets, NUM_REF)
     params = dict(cameo.named_parameters())
@@ -172,16 +177,20 @@ def run_both(problem, opts, qpv=None, chunk_size=16, backward="fused", cost=None
     return got, diag, want, [q_full, k_all, *params.values()], Fz
 
 
-@pytest.mark.parametrize("head,normalization,target,loss", OPTION_GRID)
-def test_matches_naive_full_map(problem, head, normalization, target, loss):
+# every combination on both implementations
+IMPL_GRID = [(*opts, impl) for opts in OPTION_GRID for impl in ("sparse", "dense")]
+
+
+@pytest.mark.parametrize("head,normalization,target,loss,impl", IMPL_GRID)
+def test_matches_naive_full_map(problem, head, normalization, target, loss, impl):
     """Every option combination: the value always; gradients for q, k and every head parameter
     on the paper's views (both query groups, all other key views, all queries)."""
     Fz = None
     default = ("both", "all_but_self", None)
     for query_views, key_views, qpv in [default] + [v for v in VIEW_GRID if v != default]:
         opts = dict(head=head, normalization=normalization, target=target, loss=loss,
-                    query_views=query_views, key_views=key_views)
-        got, diag, want, leaves, Fz_new = run_both(problem, opts, qpv, backward="autograd", Fz=Fz)
+                    query_views=query_views, key_views=key_views, impl=impl)
+        got, diag, want, leaves, Fz_new = run_both(problem, opts, qpv, backward="autograd" if impl == "dense" else "fused", Fz=Fz)
         if not torch.is_tensor(want):  # nothing supervised (a lone reference with reference keys)
             assert got.item() == 0.0 and diag["pairs_ref"] + diag["pairs_tgt"] == 0
             continue
@@ -205,12 +214,107 @@ DEFAULT = dict(head="mlp", normalization="per_view", target="onehot_per_view", l
     dict(DEFAULT, head="linear", normalization="global", target="onehot_global", loss="l1"),
 ])
 @pytest.mark.parametrize("chunk_size,backward", [(3, "fused"), (7, "fused"), (3, "checkpoint"), (7, "autograd")])
-def test_chunking_and_backward_modes_keep_value_and_gradients(problem, opts, chunk_size, backward):
+def test_dense_chunking_and_backward_modes_keep_value_and_gradients(problem, opts, chunk_size, backward):
+    opts = dict(opts, impl="dense")
     for qpv in (None, 5):
         got, _, want, leaves, _ = run_both(problem, opts, qpv, chunk_size=chunk_size, backward=backward)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves), strict=True):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------- the sparse path
+@pytest.mark.parametrize("opts", [
+    dict(DEFAULT, head="mean"),
+    dict(DEFAULT),
+    dict(DEFAULT, normalization="global", target="soft", loss="l1"),
+    dict(DEFAULT, head="per_head", normalization="global", target="soft", loss="kl"),
+    dict(DEFAULT, head="linear", normalization="global", target="onehot_global", loss="l1"),
+    dict(DEFAULT, head="linear", target="soft", loss="l1"),
+])
+@pytest.mark.parametrize("chunk_size", [1, 5, 1000])
+def test_sparse_chunks_keep_value_and_gradients(problem, opts, chunk_size):
+    """Query chunks of any size (1 row per block, a ragged last chunk, one block) give the value
+    and gradients of the naive map."""
+    for qpv in (None, 5):
+        got, _, want, leaves, _ = run_both(problem, opts, qpv, chunk_size=chunk_size)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("head,normalization,target,loss", [
+    (h, n, t, l) for h in ("mean", "linear", "mlp", "per_head") for n in ("per_view", "global")
+    for t in ("onehot_per_view", "onehot_global", "soft") for l in ("ce", "kl")])
+def test_sparse_log_eps_matches_the_released_log_on_the_naive_map(problem, head, normalization, target, loss):
+    """log(p + eps) needs p only at the target tokens: the sparse path admits it, value and gradients."""
+    opts = dict(DEFAULT, head=head, normalization=normalization, target=target, loss=loss, impl="sparse", log_eps=2e-2)
+    got, _, want, leaves, _ = run_both(problem, opts)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    exact, *_ = run_both(problem, dict(opts, log_eps=0.0))
+    assert not torch.allclose(got, exact, atol=1e-3)  # eps really enters
+
+
+def test_the_path_is_chosen_automatically(problem, monkeypatch):
+    """auto: sparse for every head, dense when `backward` asks for a mode only dense has; the
+    linear heads run without any logit-map matmul per head (one fused map), the MLP with one."""
+    for head in ("mean", "linear", "per_head", "mlp"):
+        assert CameoLoss(H, head=head).path == "sparse"
+        assert CameoLoss(H, head=head, backward="checkpoint").path == "dense"
+        assert CameoLoss(H, head=head, impl="dense").path == "dense"
+    with pytest.raises(ValueError, match="backward='autograd'.*dense"):
+        CameoLoss(H, impl="sparse", backward="autograd")
+    with pytest.raises(ValueError, match="impl.*valid"):
+        CameoLoss(H, head="mean", impl="triton")
+    calls = []
+    real = alignment_sparse.sparse_target_loss
+    monkeypatch.setattr("cameo_bench.objectives.alignment.sparse_target_loss", lambda q, k, fold, run, mix=None, params=():
+                        calls.append((fold.kind, mix is not None, len(params))) or real(q, k, fold, run, mix, params))
+    for head, expected in (("mean", ("concat", False, 0)), ("linear", ("concat", True, 0)),
+                           ("per_head", ("heads", False, 0)), ("mlp", ("heads", False, 3))):
+        calls.clear()
+        run_both(problem, dict(DEFAULT, head=head))
+        assert calls == [expected], head
+        calls.clear()
+        run_both(problem, dict(DEFAULT, head=head, impl="dense"))
+        assert not calls, head
+
+
+@pytest.mark.parametrize("impl", ["sparse", "dense"])
+def test_query_ids_in_any_order_and_per_sample_layouts(problem, impl):
+    """Query ids need not come view after view, nor in the same layout for every sample: the plan
+    then groups them from the ids (a sample at a time) and the value is still the naive one."""
+    g = torch.Generator().manual_seed(7)
+    rows = [torch.randperm(N, generator=g)[:20] for _ in range(B)]  # different views per position
+    query_idx = torch.stack(rows)
+    assert not torch.equal(query_idx[0] // HW, query_idx[1] // HW)
+    for head, normalization in (("mean", "per_view"), ("mlp", "global"), ("per_head", "global"), ("mlp", "per_view")):
+        opts = dict(DEFAULT, head=head, normalization=normalization, impl=impl)
+        got, _, want, leaves, _ = run_both(problem, opts, query_idx=query_idx)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_without_grad_and_with_frozen_inputs(problem):
+    """No graph without grad mode; a frozen q (or k) gets no gradient and the other the right one."""
+    q_full, k_all, targets, _ = problem
+    cameo = CameoLoss(H, **dict(DEFAULT, head="linear"))
+    randomise_head(cameo)
+    query_idx = torch.arange(N).expand(B, N)
+    with torch.no_grad():
+        value, _ = cameo(tap_for(q_full, k_all, query_idx), targets, NUM_REF)
+    assert not value.requires_grad
+    k_leaf = k_all.clone().requires_grad_(True)
+    got, _ = cameo(tap_for(q_full, k_leaf, query_idx), targets, NUM_REF)
+    torch.testing.assert_close(got, value)
+    want = naive_loss(naive_scores(q_full, k_leaf, "linear", dict(cameo.named_parameters())), targets, None,
+                      query_idx, dict(DEFAULT, head="linear"))
+    for a, b in zip(torch.autograd.grad(3.0 * got, [k_leaf, cameo.head_weight]),
+                    torch.autograd.grad(3.0 * want, [k_leaf, cameo.head_weight]), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_onehot_global_follows_the_match_cost_when_targets_carry_it(problem):
@@ -549,3 +653,19 @@ def test_targets_cost_is_validated_and_travels():
         CorrespondenceTargets(idx, torch.ones(2, 8, 2, 1), valid, (2, 2, 2), cost[:1])
     with pytest.raises(ValueError, match="cost"):
         CorrespondenceTargets(idx, torch.ones(2, 8, 2, 1), valid, (2, 2, 2), valid)
+
+
+def test_sparse_path_refuses_a_second_backward(problem):
+    """The sparse path scales its stored gradients in place, so a second backward through one
+    graph would be wrong: it raises instead (the dense path supports it)."""
+    q_full, k_all, targets, _ = problem
+    query_idx = torch.arange(N).expand(B, N)
+    for impl in ("sparse", "dense"):
+        leaf = q_full.clone().requires_grad_(True)
+        value, _ = CameoLoss(H, head="mean", impl=impl)(tap_for(leaf, k_all, query_idx), targets, NUM_REF)
+        first = torch.autograd.grad(value, leaf, retain_graph=True)[0]
+        if impl == "sparse":
+            with pytest.raises(RuntimeError, match="one backward per forward"):
+                torch.autograd.grad(value, leaf)
+        else:
+            torch.testing.assert_close(torch.autograd.grad(value, leaf)[0], first)

@@ -1,12 +1,21 @@
-"""Training step time and peak memory with and without CAMEO, for both tiny presets (CPU).
+"""Training step time with and without CAMEO on both tiny presets (CPU), and what torch.compile does to it.
 
-The step is the engine's (`cameo_bench.engine.step.train_step`: targets, tap, diffusion + lambda x alignment loss,
-AdamW) at the CPU benchmark size: batch 8, 3 views (1 reference), 32x32 pixels, one thread, CAMEO
-as released (MLP head, every query token) on the analogue of the paper's layer 10. The benchmark
-times the CAMEO step; a baseline step runs before every CAMEO round (pytest-benchmark's untimed
-`setup`, timed here), so both arms see the same machine load and their ratio is meaningful on a
-shared machine. Peak memory of each arm comes from `gpu_check.py --scale tiny` in a fresh process
-(the same code the GPU check runs). Everything lands in `extra_info` of the benchmark JSON.
+The step is the engine's (`cameo_bench.engine.step.train_step`: targets, tap, diffusion + lambda x
+alignment loss, AdamW). Arms of one comparison are built side by side and stepped in turn, round
+after round (interleaved), so they see the same machine load; times are the step's CPU seconds
+(`time.process_time`, one thread: other processes inflate it far less than wall time) and the
+ratios are of medians over the rounds. Everything lands in `extra_info` of the benchmark JSON.
+
+- `test_default_config_step`: the quickstart configuration (gin/experiments/quickstart.gin with
+  gin/sweeps/quickstart.gin's batch 4: 3 views, 32 px, mean head, every query, depth targets) for
+  `mv_dit` tiny (patch 4, `depth:0.5`) and `mv_unet` tiny (`up.01.attn.00`): baseline, the default
+  loss (`cameo.impl = 'auto'`, the sparse path) and the pre-issue-14 loss (`'dense'`). Bar: CAMEO /
+  baseline <= 1.03.
+- `test_train_step_with_and_without_cameo`: CAMEO as released (MLP head, every query, batch 8, the
+  analogue of the paper's layer 10: gpu_check's `tiny` scale), with the same three arms, plus the
+  peak memory of each arm from `gpu_check.py --scale tiny` in a fresh process. Goal: <= 1.15.
+- `test_compiled_step`: `train.compile = True` against eager on the quickstart DiT, with the
+  compile time (the first steps) reported apart from the steady-state ratio.
 
     make bench    # or: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/benchmarks/test_bench_train_step.py --benchmark-enable
 
@@ -15,7 +24,6 @@ With benchmarks disabled (the default suite) each test is one micro-preset round
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -37,7 +45,97 @@ SMOKE = dataclasses.replace(
     unet=gpu_check.BackboneChoice("mv_unet", "micro", "up.00.attn.00"),
     dit=gpu_check.BackboneChoice("mv_dit", "micro", "depth:0.5"),
 )
-ROUNDS = 5
+ROUNDS, WARMUP = 10, 2
+DEFAULT_BAR = 1.03
+RELEASED_GOAL = 1.15
+QUICKSTART = {  # gin/sweeps/quickstart.gin's backbone axis
+    "dit": ["backbone.name = 'mv_dit'", "backbone.preset = 'tiny'", "backbone.overrides = {'patch_size': 4}",
+            "cameo.layer = 'depth:0.5'"],
+    "unet": ["backbone.name = 'mv_unet'", "backbone.preset = 'tiny'", "backbone.overrides = {}",
+             "cameo.layer = 'up.01.attn.00'"],
+}
+SMOKE_QUICKSTART = {  # the same files at micro size for the default suite
+    "dit": ["backbone.name = 'mv_dit'", "backbone.preset = 'micro'", "backbone.overrides = {}",
+            "cameo.layer = 'depth:0.5'", "data.image_size = 16"],
+    "unet": ["backbone.name = 'mv_unet'", "backbone.preset = 'micro'", "backbone.overrides = {}",
+             "cameo.layer = 'up.00.attn.00'", "data.image_size = 16"],
+}
+
+
+def quickstart_run(backbone: str, workdir: pathlib.Path, bindings: list[str], measuring: bool):
+    """The quickstart experiment (batch 4, only 4 scenes: every step reuses the cached batch)."""
+    from cameo_bench import config
+    from cameo_bench.engine.build import build_run
+
+    base = QUICKSTART[backbone] if measuring else SMOKE_QUICKSTART[backbone]
+    exp = config.parse(["gin/experiments/quickstart.gin"], base + [
+        "data.batch_size = 4" if measuring else "data.batch_size = 1", "data.num_scenes = 4", "data.num_eval_scenes = 1",
+        "train.progress = False", "train.checkpoint_every = 0", "eval.every = 0", "eval.at_start = False",
+        f"run_experiment.output_dir = '{workdir}'", *bindings])
+    return build_run(exp)
+
+
+def interleaved(arms: dict, rounds: int, warmup: int) -> tuple[dict[str, list[float]], dict[str, dict]]:
+    """Steps every arm once per round, in turn (the order rotates from round to round, so no arm
+    always runs first); CPU seconds per arm after `warmup` rounds, and each arm's last metrics."""
+    from cameo_bench.engine.step import train_step
+
+    seconds: dict[str, list[float]] = {name: [] for name in arms}
+    metrics: dict[str, dict] = {}
+    names = list(arms)
+    for step in range(warmup + rounds):
+        for name in names[step % len(names):] + names[:step % len(names)]:
+            run = arms[name]
+            start = time.process_time()
+            metrics[name] = train_step(run, step)
+            if step >= warmup:
+                seconds[name].append(time.process_time() - start)
+    return seconds, metrics
+
+
+def summarise(seconds: dict[str, list[float]], baseline: str = "baseline") -> dict:
+    """Medians per arm; each arm's ratio to the baseline as the ratio of the medians, and as the
+    median of the per-round ratios (`paired_ratio_*`: the arms of a round ran back to back)."""
+    medians = {name: statistics.median(s) for name, s in seconds.items()}
+    out = {f"{name}_median_s": round(m, 4) for name, m in medians.items()}
+    out.update({f"{name}_seconds": [round(x, 4) for x in s] for name, s in seconds.items()})
+    for name, s in seconds.items():
+        if name != baseline:
+            out[f"ratio_{name}_over_{baseline}"] = round(medians[name] / medians[baseline], 4)
+            out[f"paired_ratio_{name}_over_{baseline}"] = round(statistics.median(
+                a / b for a, b in zip(s, seconds[baseline])), 4)
+    return out
+
+
+def check_arms_differ_by_the_loss(metrics: dict) -> None:
+    for name, m in metrics.items():
+        assert math.isfinite(m["train/loss_diffusion"]), name
+        if name == "baseline":
+            assert "train/loss_cameo" not in m
+        else:
+            assert math.isfinite(m["train/loss_cameo"]) and m["train/loss_cameo"] > 0, name
+            assert m["train/cameo_pairs_ref"] + m["train/cameo_pairs_tgt"] > 0, name
+
+
+@pytest.mark.benchmark(timer=time.process_time)
+@pytest.mark.parametrize("backbone", ["dit", "unet"])
+def test_default_config_step(benchmark, measuring, tmp_path, backbone):
+    """The quickstart configuration: baseline, default loss (sparse) and the dense loss, interleaved."""
+    arms = {name: quickstart_run(backbone, tmp_path / name, bindings, measuring) for name, bindings in (
+        ("baseline", ["cameo.weight = 0.0"]), ("cameo", ["cameo.weight = 0.5"]),
+        ("cameo_dense", ["cameo.weight = 0.5", "cameo.impl = 'dense'"]))}
+    assert arms["cameo"].cameo_loss.path == "sparse" and arms["cameo_dense"].cameo_loss.path == "dense"
+    seconds, metrics = interleaved(arms, ROUNDS if measuring else 1, WARMUP if measuring else 0)
+    check_arms_differ_by_the_loss(metrics)
+    loss = arms["cameo"].cameo_loss
+    info = dict(config="gin/experiments/quickstart.gin + gin/sweeps/quickstart.gin (batch 4)", backbone=backbone,
+                layer=arms["cameo"].layer, heads=loss.num_heads, head=loss.head_mode, queries="all",
+                threads=1, timer="process_time", rounds=len(seconds["baseline"]), **summarise(seconds))
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the numbers are the interleaved rounds'
+    print(f"\n{backbone} default config: {json.dumps({k: v for k, v in info.items() if 'ratio' in k or 'median' in k})}")
+    if measuring:
+        assert info["ratio_cameo_over_baseline"] <= info["ratio_cameo_dense_over_baseline"] + 0.02, info
 
 
 def peak_memory_in_subprocess(part: str, out: pathlib.Path) -> dict:
@@ -55,49 +153,58 @@ def peak_memory_in_subprocess(part: str, out: pathlib.Path) -> dict:
     return record
 
 
+@pytest.mark.benchmark(timer=time.process_time)
 @pytest.mark.parametrize("backbone", ["unet", "dit"])
 def test_train_step_with_and_without_cameo(benchmark, measuring, tmp_path, backbone):
+    """CAMEO as released (MLP head, every query, batch 8): baseline, sparse and dense, interleaved;
+    peak memory per arm from gpu_check in a fresh process."""
     scale = TINY if measuring else SMOKE
-    from cameo_bench.engine.step import train_step
-
-    baseline = gpu_check.build_arm(scale, backbone, cameo=False, device="cpu", workdir=tmp_path / "baseline")
-    cameo = gpu_check.build_arm(scale, backbone, cameo=True, device="cpu", workdir=tmp_path / "cameo")
-    baseline_steps, cameo_steps = itertools.count(), itertools.count()
-    baseline_seconds: list[float] = []
-    baseline_metrics: dict = {}
-
-    def baseline_step():  # runs before each CAMEO round, outside pytest-benchmark's timer
-        start = time.perf_counter()
-        baseline_metrics.update(train_step(baseline, next(baseline_steps)))
-        baseline_seconds.append(time.perf_counter() - start)
-
-    warmup = 1 if measuring else 0
-    metrics = benchmark.pedantic(lambda: train_step(cameo, next(cameo_steps)), setup=baseline_step,
-                                 rounds=ROUNDS if measuring else 1, warmup_rounds=warmup, iterations=1)
-
-    # The arms differ by exactly the alignment loss: the CAMEO step computed it, the baseline did not.
-    assert math.isfinite(metrics["train/loss_cameo"]) and metrics["train/loss_cameo"] > 0
-    assert metrics["train/cameo_pairs_ref"] + metrics["train/cameo_pairs_tgt"] > 0
-    assert "train/loss_cameo" not in baseline_metrics
-    assert math.isfinite(baseline_metrics["train/loss_diffusion"])
-
-    info = gpu_check.describe_arm(cameo, scale, backbone)
+    arms = {"baseline": gpu_check.build_arm(scale, backbone, cameo=False, device="cpu", workdir=tmp_path / "baseline"),
+            "cameo": gpu_check.build_arm(scale, backbone, cameo=True, device="cpu", workdir=tmp_path / "cameo"),
+            "cameo_dense": gpu_check.build_arm(scale, backbone, cameo=True, device="cpu", workdir=tmp_path / "dense")}
+    arms["cameo_dense"].cameo_loss.impl = "dense"  # the loss before issue 14, same weights
+    seconds, metrics = interleaved(arms, ROUNDS if measuring else 1, 1 if measuring else 0)
+    check_arms_differ_by_the_loss(metrics)
+    info = gpu_check.describe_arm(arms["cameo"], scale, backbone)
     info["cameo"] = dict(weight=scale.cameo_weight, head=scale.cameo_head, chunk_size=scale.chunk_size,
                          source=scale.source, queries="all")
-    if not measuring:
-        benchmark.extra_info.update(info)
-        return
-    base_median = statistics.median(baseline_seconds[warmup:])
-    cameo_median = benchmark.stats.stats.median
-    memory = {arm: peak_memory_in_subprocess(f"{backbone}_{arm}", tmp_path / "memory") for arm in ("baseline", "cameo")}
-    info.update(
-        baseline_median_s=round(base_median, 4), cameo_median_s=round(cameo_median, 4),
-        baseline_seconds=[round(s, 4) for s in baseline_seconds[warmup:]],
-        time_ratio_cameo_over_baseline=round(cameo_median / base_median, 3),
-        baseline_peak_mb=memory["baseline"]["peak_mb"], cameo_peak_mb=memory["cameo"]["peak_mb"],
-        baseline_step_extra_mb=memory["baseline"]["extra_mb"], cameo_step_extra_mb=memory["cameo"]["extra_mb"],
-        peak_ratio_cameo_over_baseline=round(memory["cameo"]["peak_mb"] / memory["baseline"]["peak_mb"], 3),
-        memory_method=memory["cameo"]["memory_method"], threads=1,
-    )
+    info.update(summarise(seconds), threads=1, timer="process_time")
+    if measuring:
+        memory = {arm: peak_memory_in_subprocess(f"{backbone}_{arm}", tmp_path / "memory") for arm in ("baseline", "cameo")}
+        info.update(
+            baseline_peak_mb=memory["baseline"]["peak_mb"], cameo_peak_mb=memory["cameo"]["peak_mb"],
+            baseline_step_extra_mb=memory["baseline"]["extra_mb"], cameo_step_extra_mb=memory["cameo"]["extra_mb"],
+            peak_ratio_cameo_over_baseline=round(memory["cameo"]["peak_mb"] / memory["baseline"]["peak_mb"], 3),
+            memory_method=memory["cameo"]["memory_method"])
     benchmark.extra_info.update(info)
-    print(f"\n{backbone}: {json.dumps({k: v for k, v in info.items() if 'ratio' in k or 'median' in k or 'peak' in k})}")
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"\n{backbone} released: {json.dumps({k: v for k, v in info.items() if 'ratio' in k or 'median' in k or 'peak' in k})}")
+
+
+@pytest.mark.benchmark(timer=time.process_time)
+def test_compiled_step(benchmark, measuring, tmp_path, monkeypatch):
+    """`train.compile = True` vs eager on the quickstart DiT with CAMEO: compile time (wall and
+    CPU of the first two steps, which compile forward and backward, with an empty inductor cache)
+    and the steady-state ratio."""
+    if not measuring:
+        pytest.skip("compiling takes minutes on a CPU; tests/test_train_compile.py checks a compiled micro run trains")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_cache"))  # a cold compile
+    eager = quickstart_run("dit", tmp_path / "eager", ["cameo.weight = 0.5"], measuring)
+    compiled = quickstart_run("dit", tmp_path / "compiled", ["cameo.weight = 0.5", "train.compile = True"], measuring)
+    from cameo_bench.engine.step import train_step
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    for step in range(2):
+        train_step(compiled, step)
+    compile_wall, compile_cpu = time.perf_counter() - wall, time.process_time() - cpu
+    for step in range(2):
+        train_step(eager, step)
+    seconds, metrics = interleaved({"eager": eager, "compiled": compiled}, ROUNDS, 0)
+    info = dict(backbone="dit", config="quickstart, batch 4, mean head", compile_wall_s=round(compile_wall, 1),
+                compile_cpu_s_this_process=round(compile_cpu, 1), threads=1, timer="process_time",
+                loss_eager=metrics["eager"]["train/loss_cameo"], loss_compiled=metrics["compiled"]["train/loss_cameo"],
+                **summarise(seconds, baseline="eager"))
+    benchmark.extra_info.update(info)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"\ncompile: {json.dumps({k: v for k, v in info.items() if 'seconds' not in k})}")
+    assert math.isclose(info["loss_eager"], info["loss_compiled"], rel_tol=1e-3)
