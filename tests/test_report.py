@@ -199,8 +199,8 @@ def test_variants_group_seeds_and_find_their_baseline():
 def test_supervised_layer_is_found_from_identical_histories():
     run = RunRecord("r", "r", synthetic_params(0.5, 0, 0), {}, synthetic_metrics(0.5, 0, 2.0, 100))
     assert supervised_layer(run) == SUPERVISED
-    twin = dict(run.metrics)
-    twin["attn/blocks.03.attn/pck@1"] = twin[f"attn/{SUPERVISED}/pck@1"]  # two layers fit: do not guess
+    twin = dict(run.metrics)  # read under current names (`keys.attn`), though logged under the old ones
+    twin[keys.attn("blocks.03.attn", keys.PCK1)] = twin[keys.attn(SUPERVISED, keys.PCK1)]  # two fit: do not guess
     assert supervised_layer(RunRecord("t", "t", run.params, {}, twin)) is None
     run.tags[keys.LAYER_RESOLVED] = "blocks.01.attn"
     assert supervised_layer(run) == "blocks.01.attn"
@@ -434,7 +434,7 @@ def test_a_run_written_by_the_engine_reads_back_under_the_reports_names(store, t
     with torch.device("meta"):  # smoke.gin's backbone, for its layer names in forward order
         layers = [layer.name for layer in create_backbone("mv_dit", "micro").attention_layers()]
     supervised = "blocks.00.attn"  # `depth:0.5` of the two-block micro DiT (smoke.gin's selector)
-    runs = {r.name: r for r in load_runs("roundtrip", uri)}
+    runs = {r.params[keys.EXPERIMENT_NAME]: r for r in load_runs("roundtrip", uri)}
     cameo, base = runs["cameo"], runs["base"]
 
     # interface 9: both layer facts are tags, and the resolved layer is no longer a param
@@ -444,8 +444,9 @@ def test_a_run_written_by_the_engine_reads_back_under_the_reports_names(store, t
     assert supervised_layer(cameo) == supervised and supervised_layer(base) is None
 
     # the params the labels and the baseline rule read
-    assert run_label(cameo.params, supervised_layer(cameo)) == f"mv_dit micro | CAMEO λ=0.5 @ {supervised}"
-    assert run_label(base.params) == "mv_dit micro | baseline"
+    assert run_label(cameo.params, supervised_layer(cameo)) == f"mv_dit micro · CAMEO λ0.5 @{supervised} · s0"
+    assert run_label(base.params) == "mv_dit micro · baseline · s0"
+    assert (cameo.name, base.name) == (run_label(cameo.params, supervised), run_label(base.params))  # THE run names
     assert is_baseline(base) and not is_baseline(cameo) and backbone_of(cameo) == "mv_dit/micro"
 
     # the metrics, at the evaluation steps, under the names the report reads

@@ -38,11 +38,11 @@ def test_table_reads_last_eval_and_compares_baselines_at_the_supervised_layer(tm
         (1, "time/step_seconds", 0.2), (2, "time/step_seconds", 0.4), (3, "time/step_seconds", 0.3)])
     write_metrics(plan.run_root / cameo.id, [(4, "eval/psnr", 13.25), (4, "attn/supervised/pck@1", 0.75)])
     header, rows = parse_table(summary_table(plan))
-    base_row = rows["mv_dit micro | baseline"]
+    base_row = rows["mv_dit micro · baseline · s0"]
     assert base_row[header.index("PSNR")] == "12.50" and base_row[header.index("step")] == "4"
     assert base_row[header.index("PCK@1 (sup. layer)")] == "0.250"
     assert base_row[header.index("s/step")] == "0.30"
-    cameo_row = rows["mv_dit micro | CAMEO λ=0.5 @ blocks.01.attn"]
+    cameo_row = rows["mv_dit micro · CAMEO λ0.5 @blocks.01.attn · s0"]
     assert cameo_row[header.index("PSNR")] == "13.25" and cameo_row[header.index("PCK@1 (sup. layer)")] == "0.750"
     assert "SSIM" not in header  # no value anywhere: column dropped
 
@@ -64,6 +64,6 @@ def test_quickstart_rows_are_labelled_by_backbone_and_arm_not_by_gin_values(tmp_
     text = summary_table(plan)
     _, rows = parse_table(text)
     # depth:0.5 of the 2-block micro DiT is its first block (blocks.00.attn, blocks.01.attn)
-    assert set(rows) == {"mv_dit micro | baseline [seed=3]", "mv_dit micro | CAMEO λ=0.5 @ blocks.00.attn [seed=3]",
-                         "mv_unet micro | baseline [seed=3]", "mv_unet micro | CAMEO λ=0.5 @ up.01.attn.00 [seed=3]"}
+    assert set(rows) == {"mv_dit micro · baseline · s3", "mv_dit micro · CAMEO λ0.5 @blocks.00.attn · s3",
+                         "mv_unet micro · baseline · s3", "mv_unet micro · CAMEO λ0.5 @up.01.attn.00 · s3"}
     assert "overrides" not in text and "name=" not in text

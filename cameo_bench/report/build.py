@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cameo_bench.report import plots
+from cameo_bench.report import floors, plots, xaxis
 from cameo_bench.report.curves import DEFAULT_FRACTIONS, Comparison, compare
 from cameo_bench.report.runs import SUPERVISED, Grouping, Variant, group_runs, seed_of
 from cameo_bench.tracking import RunRecord, keys
@@ -43,7 +43,9 @@ class Report:
         return self.comparisons.get((next(i for i, v in enumerate(self.grouping.variants) if v is variant), metric))
 
     def comparison(self, label: str, metric: str, backbone: str | None = None) -> Comparison:
-        """Look up a result by variant label (and backbone when labels repeat across backbones)."""
+        """Look up a result by variant label (and backbone when labels repeat across backbones);
+        `metric` may be a name of runs logged earlier (`keys.current_name`)."""
+        metric = keys.current_name(metric)
         for (i, key), comp in self.comparisons.items():
             v = self.grouping.variants[i]
             if v.label == label and key == metric and (backbone is None or v.backbone == backbone):
@@ -147,7 +149,8 @@ def _finals(v: Variant, key: str) -> list[float]:
     return [x for x in (_final(r, key) for r in v.runs) if x is not None]
 
 
-def _convergence_section(backbones, metric: str, out: pathlib.Path, draw: bool) -> tuple[list[str], pathlib.Path | None]:
+def _convergence_section(backbones, metric: str, out: pathlib.Path, draw: bool,
+                         x: str = "steps") -> tuple[list[str], pathlib.Path | None]:
     panels = {}
     for backbone, variants in backbones.items():
         arms = []
@@ -164,7 +167,10 @@ def _convergence_section(backbones, metric: str, out: pathlib.Path, draw: bool) 
             panels[backbone] = arms
     if not panels or not draw:
         return [], None
-    path = plots.convergence(panels, metric, out / f"curves_{metric.replace('/', '_').replace('@', '')}.png")
+    lines = {b: floors.plot_lines(backbones[b], metric) for b in panels}
+    stem = metric.removeprefix(keys.DIAG).replace('/', '_').replace('@', '')  # names as before the DIAG prefix
+    path = plots.convergence(panels, metric, out / f"curves_{stem}.png",
+                             floors=lines, xlabel=xaxis.LABELS[x])
     return [f"![{metric}]({path.name})", ""], path
 
 
@@ -227,6 +233,7 @@ def _quality_by_bin_section(backbone: str, variants: list[Variant]) -> list[str]
                 paired = [mine[s] - theirs[s] for s in mine if s in theirs]
                 gaps.append(_ci(float(np.mean(paired)), (math.nan, math.nan)) if paired else "—")
             rows.append([f"Δ {v.label} − baseline"] + gaps)
+        rows += floors.table_rows(variants, [keys.eval_by_bin(metric, b) for b in bins], 0, lambda x: f"{x:.3f}")
         lines += [f"#### {backbone}: final {metric.upper()} by viewpoint change of the target view (degrees to the "
                   "nearest reference)", ""]
         lines += _table(["arm"] + bins, rows) + [""]
@@ -290,13 +297,18 @@ def _sweep_section(report: Report, backbones, present, fractions) -> list[str]:
     for backbone, variants in backbones.items():
         varying = report.grouping.varying_by_backbone.get(backbone, report.grouping.varying)
         header = ["variant"] + varying + ["seeds"] + list(present) + [f"speed-up {PRIMARY} (final)"]
+        verdicts = any(floors.variant_floors(v, PRIMARY) for v in variants)  # runs logged before the floors: none
+        header += [f"{PRIMARY} − best floor"] if verdicts else []
         rows = []
         for v in variants:
             finals = ["—" if v.baseline_arm and m.startswith(SUPERVISED) else _mean_std(_finals(v, v.key_for(m, v.layer)))
                       for m in present]
             c = report.of(v, PRIMARY)
             speed = _speed_cell(c, len(fractions) - 1) if c and fractions[-1] == 1.0 else "—"
-            rows.append([v.label] + [v.params.get(k, "—") for k in varying] + [str(len(v.runs))] + finals + [speed])
+            rows.append([v.label] + [v.params.get(k, "—") for k in varying] + [str(len(v.runs))] + finals + [speed]
+                        + ([floors.variant_verdict(v)] if verdicts else []))
+        rows += [r + ["—"] * (1 + verdicts)
+                 for r in floors.table_rows(variants, present, len(varying) + 1, lambda x: f"{x:.3f}")]
         md += [f"### {backbone}", ""] + _table(header, rows) + [""]
     return md
 
@@ -336,10 +348,12 @@ METHOD = ("Method: curves are averaged over seeds on their common evaluation ste
 
 def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experiment: str, command: str | None = None,
                  metrics=DEFAULT_METRICS, fractions=DEFAULT_FRACTIONS, n_boot: int = 2000, seed: int = 0,
-                 statuses=("FINISHED",), source: str | None = None, draw: bool = True, fetch=None) -> Report:
+                 statuses=("FINISHED",), source: str | None = None, draw: bool = True, fetch=None,
+                 x: str = "steps") -> Report:
     """Compute every comparison and write the report folder (`draw=False`: tables only, no PNGs).
     `source` names where the runs came from. `fetch(run, artifact_path, dst) -> path | None` copies a
-    run's logged figure (attention maps); without it the report has no attention section."""
+    run's logged figure (attention maps); without it the report has no attention section. `x`: the
+    curves' axis, `steps`, `flops` or `seconds` (`report.xaxis`); speed-ups are ratios in that unit."""
     out = pathlib.Path(out_dir)
     kept, skipped = _usable(runs, statuses)
     if not kept:
@@ -350,6 +364,9 @@ def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experime
         for stale in out.glob(pattern):
             stale.unlink()
     grouping = group_runs(kept)
+    rescale = xaxis.rescaler(x)
+    for v in grouping.variants:
+        v.rescale = rescale
     backbones: dict[str, list[Variant]] = {}
     for v in grouping.variants:
         backbones.setdefault(v.backbone, []).append(v)
@@ -371,6 +388,10 @@ def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experime
           f"`{experiment}`" + (f" ({source})" if source else "")
           + f"; git SHA(s): {', '.join(f'`{s[:12]}`' for s in shas)}. Run ids and gin files: `sources.json`.", "",
           _compute_line(kept), "", METHOD.format(n_boot=n_boot), ""]
+    if x != "steps":
+        md += [f"**x axis: {xaxis.LABELS[x]}.** Every 'step', 'iterations' and 'last common step' below is in "
+               f"{xaxis.UNITS[x]}: a speed-up is the ratio of {xaxis.UNITS[x]} to the threshold, so the extra cost "
+               "of a CAMEO step counts against it.", ""]
     if grouping.unmatched:
         md += ["**No baseline found for:** " + "; ".join(f"{v.backbone} {v.label}" for v in grouping.unmatched), ""]
     md += ["## Variants", ""]
@@ -378,9 +399,10 @@ def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experime
                  [[v.backbone, v.label, ", ".join(v.seeds), ", ".join(r.run_id[:8] for r in v.runs),
                    "—" if v.baseline_arm else (v.baseline.label if v.baseline else "**none**")]
                   for v in grouping.variants]) + [""]
+    md += floors.section(backbones)
     md += ["## Convergence", ""]
     for metric in present:
-        lines, path = _convergence_section(backbones, metric, out, draw)
+        lines, path = _convergence_section(backbones, metric, out, draw, x)
         md += [f"### {metric}", ""] + lines
         report.files += [path] if path else []
     md += _speedup_section(report, backbones, present, fractions, out, draw)

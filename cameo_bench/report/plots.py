@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cameo_bench.report.curves import align  # noqa: E402
+from cameo_bench.report.floors import LINE_STYLES  # noqa: E402
 
 BASELINE_STYLES = ["--", ":", "-."]  # baselines in black; one style each when read at several layers
 
@@ -31,10 +32,12 @@ def _save(fig, path: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def convergence(panels: dict[str, list[tuple[str, bool, list]]], metric: str, path: pathlib.Path) -> pathlib.Path:
+def convergence(panels: dict[str, list[tuple[str, bool, list]]], metric: str, path: pathlib.Path, *,
+                floors: dict[str, list[tuple[str, str, float]]] | None = None, xlabel: str = "step") -> pathlib.Path:
     """One panel per backbone; per arm the seed mean and the min-max band over seeds.
 
-    `panels[backbone] = [(label, is_baseline, curves), ...]` with one `[(step, value), ...]` per seed.
+    `panels[backbone] = [(label, is_baseline, curves), ...]` with one `[(step, value), ...]` per seed;
+    `floors[backbone] = [(label, floor name, value), ...]` are drawn as horizontal lines.
     """
     fig, axes = _axes(len(panels))
     for ax, (backbone, arms) in zip(axes, panels.items()):
@@ -45,8 +48,10 @@ def convergence(panels: dict[str, list[tuple[str, bool, list]]], metric: str, pa
             (line,) = ax.plot(steps, values.mean(0), label=f"{label} (n={len(curves)})", **style)
             if len(curves) > 1:
                 ax.fill_between(steps, values.min(0), values.max(0), color=line.get_color(), alpha=0.15, linewidth=0)
+        for label, name, value in (floors or {}).get(backbone, []):
+            ax.axhline(value, linewidth=1.0, label=label, **LINE_STYLES[name])
         ax.set_title(backbone)
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(metric)
         _grid_and_legend(ax)
     fig.suptitle(f"{metric}: mean over seeds, band = min..max")

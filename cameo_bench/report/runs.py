@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 from cameo_bench.tracking import RunRecord, keys
 from cameo_bench.tracking.labels import params_are_baseline
@@ -83,6 +84,7 @@ class Variant:
     runs: list[RunRecord]
     baseline: "Variant | None" = None
     layer: str | None = None  # resolved supervised layer
+    rescale: Callable | None = None  # f(run, curve) -> curve against FLOPs / seconds (report.xaxis); None = steps
 
     @property
     def seeds(self) -> list[str]:
@@ -91,7 +93,9 @@ class Variant:
     def curves(self, key: str) -> list[list[tuple[int, float]]] | None:
         """One history per seed, or None if any run lacks the metric."""
         found = [r.metrics.get(key) for r in self.runs]
-        return None if any(not c for c in found) else found
+        if any(not c for c in found):
+            return None
+        return found if self.rescale is None else [self.rescale(r, c) for r, c in zip(self.runs, found)]
 
     def key_for(self, metric: str, layer: str | None) -> str:
         """A baseline has no `attn/supervised/*`: read the variant's layer there instead."""
