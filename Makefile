@@ -25,9 +25,13 @@ bench: install
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests/benchmarks -q --benchmark-enable \
 		--benchmark-json=reports/benchmarks/benchmarks.json
 
-ui: install
+# the MLflow UI on 127.0.0.1, printing the runs-table address; e.g. make ui UI_ARGS='--experiment quickstart --open'
+ui: .venv/.ui-installed
+	$(PY) -m cameo_bench ui $(UI_ARGS)
+
+.venv/.ui-installed: .venv/.installed
 	$(PY) -m pip install -q -e '.[ui]'
-	$(PY) -m cameo_bench.tracking.ui
+	touch $@
 
 clean:
 	rm -rf .venv build *.egg-info

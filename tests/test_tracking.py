@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from cameo_bench.evaluation import figures as artifacts
 from cameo_bench.engine import tracked_run as launch
 from cameo_bench import tracking
+from cameo_bench.tracking import keys
 from cameo_bench.tracking import ui as tracking_ui
 from cameo_bench.cli import train as train_cli
 
@@ -271,13 +272,17 @@ def test_train_cli_logs_one_run_and_resume_continues_it(store, calls, tmp_path):
     run = only_run(store)
     run_id = run.info.run_id
     assert run.info.status == "FINISHED"
-    assert {"train/loss_diffusion", "train/loss_cameo", "train/lr", "eval/psnr", "eval/ssim",
-            "attn/supervised/pck_at_1"} <= set(run.data.metrics)
+    assert {"train/loss_diffusion", "train/loss_cameo", "train/lr", "eval/psnr", "eval/ssim", "eval/pck_supervised",
+            tracking.to_mlflow_key(keys.SUPERVISED_PCK1)} <= set(run.data.metrics)
     assert run.data.params["cameo.weight"] == "0.5" and run.data.params["backbone.name"] == "mv_dit"
     assert run.data.tags["cameo.layer_resolved"] != "none" and "cameo.layer_resolved" not in run.data.params
     assert run.data.tags["cameo.layer_resolved"] in run.data.tags["attn.layers"].split(",")
     tags = run.data.tags
     assert tags["variant"] == "cameo" and tags["device"] == "cpu" and tags["world_size"] == "1"
+    layer = tags["cameo.layer_resolved"]  # a CLI run is named and tagged like a sweep trial
+    assert run.info.run_name == f"mv_dit micro · CAMEO λ0.5 @{layer} · s0"
+    assert (tags["layer"], tags["lambda"], tags["source"], tags["seed"], tags["backbone"]) == (
+        layer, "0.5", "depth", "0", "mv_dit")
     assert pathlib.Path(tags["checkpoint.path"]).is_file()
     operative = artifact_text(store, run_id, "config/operative.gin")
     assert "train.steps = 2" in operative and "cameo.weight = 0.5" in operative
@@ -302,7 +307,8 @@ def test_train_cli_marks_a_nan_run_failed_and_keeps_its_metrics(store, tmp_path,
     def poisoned(self, *args, **kwargs):
         loss, aux = original(self, *args, **kwargs)
         count["n"] += 1
-        return (loss * float("nan") if count["n"] == 2 else loss), aux
+        # call 1 is the FLOP count at step 0 (engine/compute.py), call 2 step 0, call 3 step 1
+        return (loss * float("nan") if count["n"] == 3 else loss), aux
 
     monkeypatch.setattr(MultiViewDiffusion, "training_loss", poisoned)
     assert train(tmp_path, "--gin_param", "eval.every = 0") == 3
@@ -316,7 +322,7 @@ def test_train_cli_marks_a_nan_run_failed_and_keeps_its_metrics(store, tmp_path,
 def test_train_cli_marks_an_error_inside_fit_failed_with_its_traceback(store, tmp_path, monkeypatch):
     from cameo_bench.engine import loop
 
-    def explode(run, batches=None):
+    def explode(run, batches=None, **kwargs):
         raise RuntimeError("evaluation exploded")
 
     monkeypatch.setattr(loop, "evaluate_run", explode)
@@ -335,7 +341,7 @@ def test_train_cli_sigterm_flushes_and_marks_the_run_killed(store, tmp_path, mon
 
     from cameo_bench.engine import loop
 
-    def terminated(run, batches=None):
+    def terminated(run, batches=None, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # what Slurm sends at the time limit
         time.sleep(5)  # the handler interrupts this
         raise AssertionError("SIGTERM was not turned into an interrupt")

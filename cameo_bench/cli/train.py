@@ -66,8 +66,8 @@ def _run(args: argparse.Namespace) -> int:
     command = json.dumps({"gin_files": [str(f) for f in args.gin_files], "gin_params": args.gin_param,
                           "resume": args.resume, "argv": sys.argv}, indent=1)
     enabled, experiment, uri = tracking_options(args, exp)
-    # torchrun: rank 0 alone owns the MLflow run
-    mlflow = MlflowRun(experiment, exp.name, uri=uri) if enabled and int(os.environ.get("RANK", "0")) == 0 else None
+    # torchrun: rank 0 alone owns the MLflow run, named by `tracking.labels.run_label`
+    mlflow = MlflowRun(experiment, uri=uri) if enabled and int(os.environ.get("RANK", "0")) == 0 else None
     tracked = TrackedRun(exp, resume=args.resume, device=args.device, mlflow=mlflow,
                          world_size=int(os.environ.get("WORLD_SIZE", "1")),
                          notes=[Note(keys.RUN_COMMAND, keys.ARTIFACT_COMMAND, command)])

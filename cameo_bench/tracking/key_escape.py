@@ -1,6 +1,6 @@
 """How a metric name is spelled inside MLflow, which accepts only `[/\\w.\\- :]` in metric keys.
 
-The engine's names use "@" and "+" (`attn/<layer>/pck@1/90+`). The writer escapes them on the way in
+The engine's names use "@" and "+" (`zdiag/attn/<layer>/pck@1/90+`). The writer escapes them on the way in
 and the reader unescapes them on the way out, so that everything outside `tracking/` sees the engine's
 names; both sides use this one table, so the two directions cannot drift apart. Pure strings.
 """

@@ -20,7 +20,7 @@ from cameo_bench.tracking.mlflow_writer import default_tracking_uri
 @dataclass
 class RunRecord:
     """One MLflow run as plain data: params and tags are strings, as MLflow stores them;
-    `metrics` maps a key to its history `[(step, value), ...]` sorted by step (the last value
+    `metrics` maps a key (its current name) to its history `[(step, value), ...]` sorted by step (the last value
     logged at a step wins, as in a resumed run that re-evaluates a step)."""
 
     run_id: str
@@ -31,6 +31,11 @@ class RunRecord:
     status: str = "FINISHED"
     start_time: float | None = None  # seconds since the epoch (MLflow stores milliseconds)
     end_time: float | None = None
+
+    def __post_init__(self):
+        """Metrics go by their current names (`keys.current_name`), so a run logged before a
+        rename (`attn/<layer>/...`) is read like one logged today."""
+        self.metrics = {keys.current_name(k): h for k, h in self.metrics.items()}
 
 
 def load_runs(experiment_name: str, uri: str | None = None,
@@ -55,11 +60,12 @@ def load_runs(experiment_name: str, uri: str | None = None,
     for run in runs:
         histories = {}
         for key in sorted(run.data.metrics):
-            if from_mlflow_key(key).startswith(metric_prefixes):
+            name = keys.current_name(from_mlflow_key(key))  # old stores: `attn/...` reads as today's name
+            if name.startswith(metric_prefixes):
                 by_step = {}
                 for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp)):
                     by_step[int(m.step)] = float(m.value)
-                histories[from_mlflow_key(key)] = sorted(by_step.items())
+                histories[name] = sorted(by_step.items())
         records.append(RunRecord(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id,
                                  params=dict(run.data.params), tags=dict(run.data.tags), metrics=histories,
                                  status=run.info.status,

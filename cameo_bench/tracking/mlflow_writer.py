@@ -167,7 +167,8 @@ class MlflowTracker:
             return False
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        now = [RunTag(k, str(v)[:MAX_TAG_CHARS]) for k, v in tags.items()]
+        """Keys are escaped like metric names: `not_computed.<metric>` tags carry metric names."""
+        now = [RunTag(to_mlflow_key(k), str(v)[:MAX_TAG_CHARS]) for k, v in tags.items()]
         for start in range(0, len(now), 100):  # LogBatch takes at most 100 tags
             self.client.log_batch(self.run_id, tags=now[start:start + 100])
 
@@ -199,6 +200,22 @@ class MlflowTracker:
 
     def log_artifact(self, path: str | os.PathLike, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_figure(self, path: str | os.PathLike, step: int) -> None:
+        """A figure (PNG) where the UI compares runs, besides its file under `figures/step_*/`: as an
+        MLflow image with key `keys.figure_key(name)` and `step` (the chart view's image-by-step
+        cards), and as the latest copy at the artifact root (the compare page shows only root files
+        that every compared run has: it said "No common artifacts to display")."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            self.client.log_image(self.run_id, image.convert("RGB"), key=keys.figure_key(pathlib.Path(path).name),
+                                  step=int(step))
+        self.client.log_artifact(self.run_id, str(path))
+
+    def rename(self, name: str) -> None:
+        """Set the run's name (the UI's run column) once more is known, e.g. the resolved layer."""
+        self.client.update_run(self.run_id, name=name)
 
     def flush(self) -> None:
         while self._metrics:

@@ -56,10 +56,11 @@ class RunLog:
 
 
 def read_metrics(folder: str | pathlib.Path) -> dict[str, list[tuple[int, float]]]:
-    """`key -> [(step, value), ...]` from a run folder, in logging order."""
+    """`key -> [(step, value), ...]` from a run folder, in logging order, under current names
+    (`keys.current_name`: a folder logged before a rename reads like a new one)."""
     history: dict[str, list[tuple[int, float]]] = {}
     path = pathlib.Path(folder) / keys.METRICS_FILE
     for line in path.read_text().splitlines() if path.exists() else []:
         row = json.loads(line)
-        history.setdefault(row["key"], []).append((row["step"], float(row["value"])))
+        history.setdefault(keys.current_name(row["key"]), []).append((row["step"], float(row["value"])))
     return history
