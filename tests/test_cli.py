@@ -5,6 +5,7 @@ import pathlib
 import pytest
 
 from cameo_bench.__main__ import main
+from cameo_bench.tracking import keys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,7 +32,7 @@ def test_train_then_eval_round_trip(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(run_dir)]) == 0
     metrics = json.loads((run_dir / "eval.json").read_text())
-    assert metrics["step"] == 2 and 0 < metrics["eval/psnr"] < 60 and "attn/supervised/pck@1" in metrics
+    assert metrics["step"] == 2 and 0 < metrics["eval/psnr"] < 60 and keys.SUPERVISED_PCK1 in metrics
 
 
 def test_train_reports_gin_typo_with_file_and_exit_code_2(tmp_path, capsys):

@@ -86,9 +86,9 @@ def worker(root: pathlib.Path) -> int:
 
     evaluate = loop.evaluate_run
 
-    def recorded(run, *args):
+    def recorded(run, *args, **kwargs):
         (root / f"evaluated_rank{rank}").touch()
-        return evaluate(run, *args)
+        return evaluate(run, *args, **kwargs)
 
     loop.evaluate_run = recorded
     # MLflow under torchrun is cameo_bench.tracking's to test; here only the run folder is checked

@@ -15,6 +15,7 @@ from cameo_bench.evaluation import evaluate as E
 from cameo_bench.evaluation import metrics as M
 from cameo_bench.objectives.diffusion import MultiViewDiffusion
 from cameo_bench.config.spec import EvalSpec
+from cameo_bench.tracking import keys
 
 
 def plane_batch(V=3, H=16, W=16, f=16.0, Z=4.0, shift_px=2.0):
@@ -76,12 +77,12 @@ def test_attention_scores_perfect_and_shifted():
     grid = (3, 8, 8)
     xy, valid, angle = A.token_ground_truth(batch, grid, 2)
     perfect = A.summarise_attention(A.attention_scores(fake_tap(grid, xy, valid), grid, xy, valid, angle), "a")
-    assert perfect["attn/a/pck@0.5"] == 1.0 and perfect["attn/a/epe"] < 1e-4 and perfect["attn/a/mass1"] > 0.99
-    assert perfect["attn/a/pck@1/0-30"] == 1.0
+    assert perfect[keys.ATTN + "a/pck@0.5"] == 1.0 and perfect[keys.ATTN + "a/epe"] < 1e-4 and perfect[keys.ATTN + "a/mass1"] > 0.99
+    assert perfect[keys.ATTN + "a/pck@1/0-30"] == 1.0
     shifted = A.summarise_attention(A.attention_scores(fake_tap(grid, xy, valid, shift=(0, 1)), grid, xy, valid, angle), "a")
     # one token off in y (clamped at the border for the last row): pck@0.5 drops, pck@1 holds
-    assert shifted["attn/a/pck@0.5"] < 0.2 and shifted["attn/a/pck@1"] == 1.0
-    assert shifted["attn/a/mass1"] > 0.99  # the peak is within one token of the truth
+    assert shifted[keys.ATTN + "a/pck@0.5"] < 0.2 and shifted[keys.ATTN + "a/pck@1"] == 1.0
+    assert shifted[keys.ATTN + "a/mass1"] > 0.99  # the peak is within one token of the truth
 
 
 def test_attention_scores_match_a_naive_loop():
@@ -141,8 +142,8 @@ def test_attention_metrics_skip_a_batch_without_depth_and_keep_the_others():
                               timestep=500, seed=0, layers=["blocks.00.attn"])
     # every query with a truth is counted: per scored batch, 4 view pairs one token apart (56 of the
     # 64 tokens stay in view) and 2 pairs two tokens apart (48 stay), all at 0 deg
-    assert out["attn/blocks.00.attn/count/0-30"] == 2 * (4 * 56 + 2 * 48)
-    assert 0.0 <= out["attn/blocks.00.attn/pck@1"] <= 1.0
+    assert out[keys.ATTN + "blocks.00.attn/count/0-30"] == 2 * (4 * 56 + 2 * 48)
+    assert 0.0 <= out[keys.ATTN + "blocks.00.attn/pck@1"] <= 1.0
     assert A.attention_metrics(model, MultiViewDiffusion(), [without_depth], timestep=500, seed=0) == {}
 
 
@@ -182,8 +183,8 @@ def test_evaluate_and_perturbation_analysis_on_micro_dit():
     batch = plane_batch()
     spec = EvalSpec(sampler_steps=2, lpips=False)
     metrics = E.evaluate(model, diffusion, [batch], spec, supervised_layer="blocks.01.attn")
-    assert math.isfinite(metrics["eval/psnr"]) and "attn/blocks.00.attn/pck@1" in metrics
-    assert metrics["attn/supervised/pck@1"] == metrics["attn/blocks.01.attn/pck@1"]
+    assert math.isfinite(metrics["eval/psnr"]) and keys.ATTN + "blocks.00.attn/pck@1" in metrics
+    assert metrics[keys.ATTN + "supervised/pck@1"] == metrics[keys.ATTN + "blocks.01.attn/pck@1"]
     drops = E.perturbation_analysis(model, diffusion, [batch], spec)
     assert {"perturb/blocks.00.attn/psnr_drop", "perturb/blocks.01.attn/psnr_drop"} <= set(drops)
     assert any(abs(v) > 1e-6 for k, v in drops.items() if k.endswith("psnr_drop"))

@@ -13,6 +13,7 @@ import torch
 from cameo_bench.engine import checkpoint
 from cameo_bench import config
 from cameo_bench.tracking.run_log import read_metrics
+from cameo_bench.tracking import keys
 from cameo_bench.engine.build import ExperimentError, build_run
 from cameo_bench.engine.loop import fit
 from cameo_bench.engine.step import NonFiniteLossError
@@ -31,7 +32,7 @@ def test_smoke_run_logs_losses_eval_and_checkpoint(tmp_path, backbone):
     exp = smoke(tmp_path, f"backbone.name = '{backbone}'")
     metrics = fit(build_run(exp))
     assert "eval/psnr" in metrics and "eval/ssim" in metrics
-    assert any(k.startswith("attn/") and k.endswith("/pck@1") for k in metrics)
+    assert any(k.startswith(keys.ATTN) and k.endswith("/pck@1") for k in metrics)
     history = read_metrics(tmp_path / "smoke")
     assert len(history["train/loss_diffusion"]) == 4 and len(history["train/loss_cameo"]) == 4
     assert all(torch.isfinite(torch.tensor(v)) for _, v in history["train/loss_cameo"])

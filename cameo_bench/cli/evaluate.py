@@ -27,6 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from cameo_bench.engine.build import build_run
     from cameo_bench.engine.loop import evaluate_run
     from cameo_bench.evaluation.evaluate import perturbation_analysis
+    from cameo_bench.evaluation.protocol import conventions_record
     from cameo_bench.tracking import keys
 
     path = pathlib.Path(args.checkpoint)
@@ -42,10 +43,14 @@ def run(args: argparse.Namespace) -> int:
     run = build_run(exp)  # writes nothing: the run folder's log, configs and checkpoints stay as trained
     checkpoint.load_into(run, checkpoint.load(ckpt_file))
     batches = list(run.eval_batches())
-    metrics = evaluate_run(run, batches)
+    omitted: dict[str, str] = {}
+    metrics = evaluate_run(run, batches, omitted=omitted)
     if args.perturb:
         metrics.update(perturbation_analysis(run.eval_model, run.diffusion, batches, exp.eval, seed=exp.seed))
     metrics["step"] = run.state.step
+    # how the numbers were computed, and what could not be (a report states both)
+    metrics[keys.EVAL_JSON_CONVENTIONS] = conventions_record(exp)
+    metrics[keys.EVAL_JSON_NOT_COMPUTED] = omitted
     out = pathlib.Path(args.output) if args.output else run_dir / keys.EVAL_JSON
     out.write_text(json.dumps(metrics, indent=1, sort_keys=True))
     print(json.dumps(metrics, indent=1, sort_keys=True))

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the confidence intervals")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (the report is deterministic given it)")
     parser.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib figures)")
+    parser.add_argument("--x", default="steps", choices=("steps", "flops", "seconds"),
+                        help="draw curves (and measure speed-ups) against training steps, training FLOPs "
+                             "(step x compute/train_flops_per_step) or training seconds (time/train_seconds)")
     parser.add_argument("--include-running", action="store_true",
                         help="also use runs still RUNNING (partial curves; compared on their common steps)")
 
@@ -27,13 +30,22 @@ def regenerate_command(args: argparse.Namespace) -> str:
     """The command line that rebuilds this report, with only the options that were changed."""
     parts = ["cameo-bench", "report", "--experiment", args.experiment]
     defaults = {"tracking_uri": None, "out": "reports", "name": None, "fractions": "0.5,0.75,0.9,1.0",
-                "bootstrap": 2000, "seed": 0, "include_running": False, "no_plots": False}
+                "bootstrap": 2000, "seed": 0, "include_running": False, "no_plots": False, "x": "steps"}
     for key, default in defaults.items():
         value = getattr(args, key)
         if value != default:
             flag = "--" + key.replace("_", "-")
             parts += [flag] if value is True else [flag, str(value)]
     return shlex.join(parts)
+
+
+def _prefixes(load_runs, x: str) -> tuple[str, ...]:
+    """`load_runs`' own metric prefixes plus what `--x` reads (FLOPs per step, the training clock)."""
+    import inspect
+
+    from cameo_bench.report.xaxis import metric_prefixes
+
+    return tuple(inspect.signature(load_runs).parameters["metric_prefixes"].default) + metric_prefixes(x)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -48,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     uri = args.tracking_uri or default_tracking_uri()
     try:
-        runs = load_runs(args.experiment, uri)
+        runs = load_runs(args.experiment, uri, metric_prefixes=_prefixes(load_runs, args.x))
     except KeyError as err:
         print(f"error: {err.args[0]}", file=sys.stderr)
         return 2
@@ -57,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = build_report(runs, f"{args.out}/{name}", experiment=args.experiment, command=regenerate_command(args),
                               fractions=fractions, n_boot=args.bootstrap, seed=args.seed, statuses=statuses,
-                              source=args.tracking_uri, draw=not args.no_plots,
+                              source=args.tracking_uri, draw=not args.no_plots, x=args.x,
                               fetch=lambda run, path, dst: fetch_artifact(run.run_id, path, dst, uri))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

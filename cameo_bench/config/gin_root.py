@@ -28,10 +28,20 @@ _CONFIGURABLES = {
 
 
 @gin.configurable(module="cameo_bench")
-def run_experiment(name: str = "experiment", output_dir: str = "runs", seed: int = 0) -> spec.Experiment:
-    """The gin root: collects every section into one `Experiment` of plain values."""
+def run_experiment(name: str = "experiment", output_dir: str = "runs", seed: int = 0,
+                   shrink: bool = False) -> spec.Experiment:
+    """The gin root: collects every section into one `Experiment` of plain values. `shrink = True`
+    turns it into its micro version (`config.shrink.shrunk`: what CI runs of a paper recipe)."""
     sections = {key: make() for key, make in _CONFIGURABLES.items()}
-    return spec.Experiment(name=name, output_dir=output_dir, seed=seed, **sections)
+    exp = spec.Experiment(name=name, output_dir=output_dir, seed=seed, **sections)
+    if shrink is not False:
+        from cameo_bench.config.shrink import shrunk
+
+        if not isinstance(shrink, bool):
+            raise spec.SpecError(f"run_experiment.shrink = {shrink!r} is not valid: use True or False",
+                                 "run_experiment.shrink")
+        exp = shrunk(exp)
+    return exp
 
 
 class ConfigError(ValueError):
@@ -39,7 +49,7 @@ class ConfigError(ValueError):
 
 
 def _known_bindings() -> list[str]:
-    names = [f"run_experiment.{f}" for f in ("name", "output_dir", "seed")]
+    names = [f"run_experiment.{f}" for f in ("name", "output_dir", "seed", "shrink")]
     for section, cls in SECTIONS.items():
         names += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
     return names

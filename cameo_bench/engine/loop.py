@@ -10,10 +10,12 @@ import time
 import warnings
 from typing import Sequence
 
-from cameo_bench.engine import checkpoint, distributed
+from cameo_bench.engine import checkpoint, compute, distributed
 from cameo_bench.engine.build import Run
 from cameo_bench.engine.step import reduce_metrics, train_step
+from cameo_bench.evaluation.protocol import convention_params
 from cameo_bench.tracking import keys
+from cameo_bench.tracking.labels import honest_params
 from cameo_bench.tracking.run_log import RunLog
 
 
@@ -34,6 +36,12 @@ class Sinks:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         for sink in self._all():
             sink.log_metrics(metrics, step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Tags for the sinks that keep them (MLflow); the run log has none."""
+        for sink in self._all():
+            if tags and hasattr(sink, "set_tags"):
+                sink.set_tags(tags)
 
     def flush(self) -> None:
         for sink in self.trackers + ([self.log] if self.log is not None else []):
@@ -56,13 +64,16 @@ def open_log(run: Run) -> RunLog | None:
     return RunLog(run.run_dir, resume_step=run.state.step if run.resume else None)
 
 
-def evaluate_run(run: Run, batches: list[dict] | None = None) -> dict[str, float]:
-    """Evaluation metrics of the run's current weights (EMA's if kept) on its held-out scenes."""
+def evaluate_run(run: Run, batches: list[dict] | None = None, *, floors: bool = True,
+                 omitted: dict[str, str] | None = None) -> dict[str, float]:
+    """Evaluation metrics of the run's current weights (EMA's if kept) on its held-out scenes; with
+    `floors`, also the trivial predictors' and the depth-warp oracle's (`eval/floor/*`, `eval/oracle/*`).
+    Metrics that could not be computed are absent; `omitted` (if given) gets metric -> why."""
     from cameo_bench.evaluation.evaluate import evaluate
 
     batches = list(run.eval_batches()) if batches is None else batches
     return evaluate(run.eval_model, run.diffusion, batches, run.exp.eval, seed=run.exp.seed,
-                    supervised_layer=run.layer)
+                    supervised_layer=run.layer, floors=floors, omitted=omitted)
 
 
 def log_figures(run: Run, sinks: Sinks, step: int) -> None:
@@ -78,20 +89,24 @@ def log_figures(run: Run, sinks: Sinks, step: int) -> None:
     try:
         paths = eval_figures(run.eval_model, run.diffusion, next(run.eval_batches()), run.run_dir / folder,
                              layer=run.shown_layer, sampler_steps=e.sampler_steps, guidance_scale=e.guidance_scale,
-                             seed=run.exp.seed, timestep=e.attention_timestep)
+                             seed=run.exp.seed, timestep=e.attention_timestep, sampler_eta=e.sampler_eta)
     except Exception as err:  # noqa: BLE001 - a figure is not worth a run
         warnings.warn(f"eval figures at step {step} not drawn: {type(err).__name__}: {err}")
         return
     for tracker in targets:
         for path in paths:
             tracker.log_artifact(path, folder)
+            if hasattr(tracker, "log_figure"):  # also by key and step, and the latest: where the UI compares runs
+                tracker.log_figure(path, step)
 
 
-def _evaluate_on_main(run: Run, sinks: Sinks, step: int) -> None:
+def _evaluate_on_main(run: Run, sinks: Sinks, step: int, floors: bool = False) -> None:
     """Rank 0 evaluates (on the unwrapped model: no collectives), the others wait."""
     if run.dist.is_main:
-        run.state.last_metrics = evaluate_run(run)
+        omitted: dict[str, str] = {}
+        run.state.last_metrics = evaluate_run(run, floors=floors, omitted=omitted)
         sinks.log_metrics(run.state.last_metrics, step)
+        sinks.set_tags({keys.not_computed(metric): why for metric, why in omitted.items()})
         log_figures(run, sinks, step)
     distributed.barrier()
 
@@ -113,15 +128,20 @@ def fit(run: Run, *, log: RunLog | None = None, trackers: Sequence = ()) -> dict
     exp = run.exp
     main = run.dist.is_main
     sinks = Sinks(log if log is not None else open_log(run), trackers) if main else Sinks(None)
-    sinks.log_params(exp.flat_params())
+    # a baseline logs `none` for the CAMEO settings it never used; conventions: how eval/* was computed
+    sinks.log_params({**honest_params(exp.flat_params()), **convention_params(exp)})
+    floors = True  # the floors do not change with training: logged at this fit's first evaluation only
     progress = None
     if exp.train.progress and main:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=exp.train.steps, initial=run.state.step, desc=exp.name, dynamic_ncols=True)
     try:
+        if run.state.step == 0:  # every rank counts (the CAMEO loss may all-reduce); a resumed run logged it
+            sinks.log_metrics(compute.compute_metrics(run), 0)
         if run.state.step == 0 and exp.eval.at_start and exp.eval.every > 0:
-            _evaluate_on_main(run, sinks, 0)
+            _evaluate_on_main(run, sinks, 0, floors)
+            floors = False
         while run.state.step < exp.train.steps:
             step = run.state.step
             tic = time.perf_counter()
@@ -141,7 +161,8 @@ def fit(run: Run, *, log: RunLog | None = None, trackers: Sequence = ()) -> dict
                     loss=f"{metrics.get(keys.train_loss('diffusion'), float('nan')):.4f}",
                     cameo=f"{metrics.get(keys.train_loss('cameo'), 0.0):.3f}", s_step=f"{dt:.2f}")
             if exp.eval.every > 0 and (run.state.step % exp.eval.every == 0 or done):
-                _evaluate_on_main(run, sinks, run.state.step)
+                _evaluate_on_main(run, sinks, run.state.step, floors)
+                floors = False
             if exp.train.checkpoint_every > 0 and (run.state.step % exp.train.checkpoint_every == 0 or done):
                 _checkpoint(run, sinks)
     except BaseException as err:

@@ -27,6 +27,11 @@ class NonFiniteLossError(FloatingPointError):
     """Training stopped on a NaN/inf loss; a checkpoint of the state before the step was written."""
 
 
+class ZeroPairsError(RuntimeError):
+    """The CAMEO term had no supervised pair for `cameo.max_zero_pair_steps` consecutive steps: the
+    run would train a baseline while being labelled CAMEO."""
+
+
 @dataclass
 class SampleDraws:
     """The random inputs of one (micro-)batch shard, drawn per global sample (see `draw`)."""
@@ -51,7 +56,7 @@ def draw(run: Run, batch: dict, batch_no: int, positions: range) -> SampleDraws:
     global sample p of batch `batch_no` are the same whichever rank holds it."""
     generators = distributed.sample_generators(run.exp.seed, batch_no, positions)
     T, p_drop = run.diffusion.num_train_timesteps, run.diffusion.config.camera_dropout
-    shape = tuple(run.diffusion.to_model_space(batch).shape[1:])  # [V, C, h, w]
+    shape = tuple(run.diffusion.model_shape(batch)[1:])  # [V, C, h, w], without encoding
     t = torch.cat([torch.randint(0, T, (1,), generator=g) for g in generators])  # [B]
     drop = torch.cat([torch.rand(1, generator=g) for g in generators]) < p_drop  # [B]
     noise = torch.stack([torch.randn(shape, generator=g) for g in generators])  # [B, V, C, h, w]
@@ -86,10 +91,17 @@ def autocast(run: Run):
 
 
 def layer_grid(run: Run, batch: dict) -> tuple[tuple[int, int, int], int]:
-    """((V, h, w) token grid, stride in image pixels) of the supervised layer on this batch."""
+    """((V, h, w) token grid, stride in image pixels) of the supervised layer on this batch.
+
+    The stride in image pixels is the codec's downsample x the layer's stride on the model input,
+    so targets are computed from image-resolution depth/point maps on the layer's own grid (8 x 2 =
+    16 px per token at SD's VAE and a 1/2-resolution layer); the batch may carry no image (cached latents).
+    """
     layer = run.model.get_attention_layer(run.layer)
-    V, H, W = batch["image"].shape[1], batch["image"].shape[-2], batch["image"].shape[-1]
-    return (V, H // layer.stride, W // layer.stride), layer.stride
+    stride = run.codec.downsample * layer.stride
+    V = batch["intrinsics"].shape[1]
+    H, W = run.diffusion.image_size(batch)
+    return (V, H // stride, W // stride), stride
 
 
 def train_step(run: Run, step: int) -> dict[str, float]:
@@ -103,6 +115,7 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     world = run.dist.world
     run.optimizer.zero_grad(set_to_none=True)
     metrics: dict[str, float] = {}
+    pairs = torch.zeros(2, dtype=torch.float64)  # this step's (source pairs, loss terms), all ranks
     for micro in range(accum):
         batch_no = step * accum + micro
         batch, positions = local_batch(run, batch_no)
@@ -124,8 +137,10 @@ def train_step(run: Run, step: int) -> dict[str, float]:
             # non-finite on any rank (the skip/stop decision must be the same everywhere).
             local_views = cond_mask.detach().float().sum()
             flags = torch.stack([(~torch.isfinite(v.detach())).float() for v in terms.values()])
-            reduced = distributed.all_reduce_sum(torch.cat([local_views[None], flags]))
-            for (name, value), bad in zip(terms.items(), reduced[1:]):
+            local_pairs = pair_counts(targets, diag, local_views.device)  # [2]: source pairs, loss terms
+            reduced = distributed.all_reduce_sum(torch.cat([local_views[None], flags, local_pairs]))
+            pairs += reduced[-2:].detach().double().cpu()
+            for (name, value), bad in zip(terms.items(), reduced[1:1 + len(terms)]):
                 if bad > 0:
                     return _nonfinite(run, step, name, value)
             # DDP averages gradients over ranks: scale the local mean so the average is the
@@ -137,6 +152,10 @@ def train_step(run: Run, step: int) -> dict[str, float]:
             key = keys.train_loss(name)
             metrics[key] = metrics.get(key, 0.0) + float(value.detach()) / accum
         metrics.update({keys.cameo_diagnostic(k): float(v) for k, v in diag.items()})
+        if targets is not None:  # this rank's count, summed over micro-batches (reduce_metrics sums ranks)
+            metrics[keys.CAMEO_PAIRS_SOURCE] = metrics.get(keys.CAMEO_PAIRS_SOURCE, 0.0) + float(local_pairs[0])
+    if run.cameo_loss is not None:
+        check_zero_pairs(run, step, batch, float(pairs[0]), float(pairs[1]))
     grad_norm = torch.nn.utils.clip_grad_norm_(
         [p for g in run.optimizer.param_groups for p in g["params"]], exp.optim.grad_clip or float("inf"))
     if not torch.isfinite(grad_norm):  # computed from all-reduced gradients: equal on every rank
@@ -148,6 +167,51 @@ def train_step(run: Run, step: int) -> dict[str, float]:
     metrics[keys.GRAD_NORM] = float(grad_norm)
     metrics[keys.LR] = run.scheduler.get_last_lr()[0]
     return metrics
+
+
+def pair_counts(targets, diag: dict, device) -> torch.Tensor:  # [2] float
+    """(pairs the source supervises, terms the CAMEO loss scored) of one micro-batch on this rank;
+    zeros without CAMEO. The source's count is every valid (query token, key view) pair; the loss's
+    is what remains after query sampling and `cameo.query_views` / `key_views`."""
+    if targets is None:
+        return torch.zeros(2, device=device)
+    source = targets.valid.sum().float().to(device)
+    loss = (torch.as_tensor(diag.get("pairs_ref", 0.0)) + torch.as_tensor(diag.get("pairs_tgt", 0.0))).float()
+    return torch.stack([source, loss.to(device)])
+
+
+def check_zero_pairs(run: Run, step: int, batch: dict, source_pairs: float, loss_pairs: float) -> None:
+    """Stop a run whose CAMEO term has had no pair for `cameo.max_zero_pair_steps` steps in a row.
+
+    The counts are global (all-reduced), so every rank takes the same decision. A loss of 0 from no
+    pairs is not CAMEO: without this, a source the data cannot feed (`depth` on SfM-sparse depth)
+    trains a baseline for the whole run while it is logged as a CAMEO run.
+    """
+    c = run.exp.cameo
+    run.state.zero_pair_steps = run.state.zero_pair_steps + 1 if loss_pairs == 0 else 0
+    if c.max_zero_pair_steps == 0 or run.state.zero_pair_steps < c.max_zero_pair_steps:
+        return
+    grid, stride = layer_grid(run, batch)
+    why = (f"the source gave {source_pairs:.0f} pairs but the loss scored none (cameo.query_views = "
+           f"{c.query_views!r}, cameo.key_views = {c.key_views!r})" if source_pairs > 0 else
+           "the source found no (query token, key view) pair in any batch")
+    hint = _ZERO_PAIR_HINTS.get(c.source, "")
+    raise ZeroPairsError(
+        f"the CAMEO term had 0 supervised pairs for {run.state.zero_pair_steps} consecutive steps (up to step "
+        f"{step}): {why}. Source {c.source!r} with options {c.source_options}, layer {run.layer!r} on a token "
+        f"grid (V, h, w) = {tuple(grid)} of {stride} px per token, batch keys {sorted(batch)}. {hint}Use a "
+        "source this data feeds (scene folders with SfM tracks: 'sfm_tracks'; without depth: 'matches' with "
+        "data.match_image_size at the stored size, or 'epipolar' with cameo.target = 'soft'), a layer with "
+        "more tokens, or set cameo.weight = 0 for a baseline; cameo.max_zero_pair_steps = 0 never stops.")
+
+
+_ZERO_PAIR_HINTS = {
+    "sfm_tracks": "No SfM point is observed in two views of a sample: the sampled frames share no point "
+                  "(lower data.frame_spacing) or the track files are wrong (cameo-bench data check). ",
+    "depth": "Without dense depth 'depth' reads 'sparse_depth' (the SfM points): none of a view's points "
+             "landed in another view of the sample, or the views have no points. ",
+    "matches": "SIFT found no verified match; on 32-64 px model inputs set data.match_image_size. ",
+}
 
 
 def _nonfinite(run: Run, step: int, term: str, value: torch.Tensor) -> dict[str, float]:

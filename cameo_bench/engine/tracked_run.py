@@ -17,11 +17,12 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from cameo_bench.config.spec import Experiment, is_baseline
+from cameo_bench.config.spec import Experiment
 from cameo_bench.engine.build import Run, build_run, run_dir_of
 from cameo_bench.engine.checkpoint import latest_path
 from cameo_bench.engine.loop import fit, open_log
 from cameo_bench.tracking import keys
+from cameo_bench.tracking.labels import label_tags, run_label
 
 
 class Terminated(KeyboardInterrupt):
@@ -48,27 +49,28 @@ def sigterm_as_interrupt():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def run_tags(exp: Experiment, world_size: int) -> dict[str, str]:
-    """Tags to slice runs by in MLflow's search (params hold the full configuration)."""
+def run_tags(exp: Experiment, world_size: int, layer: str | None = None) -> dict[str, str]:
+    """Tags to group, filter and slice runs by in MLflow's runs table and search (`variant`,
+    `backbone`, `preset`, `layer`, `lambda`, `source`, `seed`; params hold the full configuration).
+    Before the model is built, `layer` is None and a CAMEO run's `layer` tag is its selector."""
     return {
-        keys.VARIANT: "baseline" if is_baseline(exp.cameo.weight, exp.cameo.source) else "cameo",
-        keys.BACKBONE: exp.backbone.name,
-        keys.PRESET: exp.backbone.preset,
-        keys.SEED: str(exp.seed),
+        **label_tags(exp.flat_params(), layer),
         keys.WORLD_SIZE: str(world_size),
         keys.COMMAND: " ".join(sys.argv)[:1000],
     }
 
 
 def layer_tags(run: Run) -> dict[str, str]:
-    """The supervised layer (a baseline: the one its `cameo.layer` names, or "none" when that does
-    not resolve) and every attention layer in forward order."""
-    try:
-        resolved = run.shown_layer
-    except (KeyError, ValueError):
-        resolved = "none"
-    return {keys.LAYER_RESOLVED: resolved,
+    """The supervised layer ("none" for a baseline: it supervises nothing, whichever layer its
+    config's selector would name) and every attention layer in forward order."""
+    resolved = run.layer or keys.NONE  # `build_run` resolves no layer for a baseline
+    return {keys.LAYER_RESOLVED: resolved, keys.LAYER: resolved,
             keys.ATTN_LAYERS: ",".join(layer.name for layer in run.model.attention_layers())}
+
+
+def run_name(exp: Experiment, layer: str | None = None, extra: Sequence[str] = ()) -> str:
+    """THE name of the run (`tracking.labels.run_label`): `mv_dit tiny · CAMEO λ0.5 @blocks.02.attn · s0`."""
+    return run_label(exp.flat_params(), layer, extra)
 
 
 class OperativeConfigLog:
@@ -113,11 +115,12 @@ class MlflowRun:
     parent run, with the sweep's tags)."""
 
     experiment: str
-    run_name: str
+    run_name: str | None = None  # None: `run_name(exp)`, renamed with the resolved layer once built
     uri: str | None = None
     parent_run_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)  # besides `run_tags`
     clear_error: bool = False  # a restarted sweep trial must not keep its previous error
+    label_extra: Sequence[str] = ()  # further parts of the run name (a sweep's other axes)
 
 
 @dataclass
@@ -157,8 +160,9 @@ class TrackedRun:
 
         m = self.mlflow
         self.tracker = tracking.MlflowTracker(
-            m.experiment, m.run_name, run_dir=run_dir_of(self.exp), uri=m.uri, parent_run_id=m.parent_run_id,
-            tags={**run_tags(self.exp, self.world_size), **m.tags}, resume=self.resume)
+            m.experiment, m.run_name or run_name(self.exp, extra=m.label_extra), run_dir=run_dir_of(self.exp),
+            uri=m.uri, parent_run_id=m.parent_run_id, tags={**run_tags(self.exp, self.world_size), **m.tags},
+            resume=self.resume)
         if m.clear_error:
             tracking.clear_error(self.tracker.run_id, self.tracker.uri)
         self.tracker.log_text(config.config_str(), keys.ARTIFACT_RAW_CONFIG)
@@ -195,6 +199,8 @@ class TrackedRun:
             trackers = []
             if self.tracker is not None:
                 self.tracker.set_tags(self._environment_tags(self.run))
+                if self.mlflow.run_name is None:  # now the selector has resolved to a layer
+                    self.tracker.rename(run_name(self.exp, self.run.layer, self.mlflow.label_extra))
                 # after the MLflow tracker, so that the run is always marked terminated first
                 trackers = [self.tracker, OperativeConfigLog(self.tracker, config.operative_config)]
             self.fitting = True

@@ -1,8 +1,10 @@
 """The held-out evaluation: sampled target views scored for quality and consistency, plus attention correspondence.
 
 `evaluate` is the one entry point the engine and `cameo-bench eval` call; the metrics themselves live
-in `metrics` (image quality, viewpoint bins), `consistency` (warp error) and `attention` (per-layer
-correspondence). `perturbation_analysis` reuses it to ask which layers the samples depend on.
+in `metrics` (image quality, viewpoint bins), `consistency` (warp error), `attention` (per-layer
+correspondence), `floors` (trivial predictors and the depth-warp oracle on the same target views) and
+`convergence` (fixed-noise held-out loss and one-step x0 PSNR). `perturbation_analysis` reuses it to
+ask which layers the samples depend on.
 """
 from __future__ import annotations
 
@@ -15,7 +17,11 @@ from einops import rearrange
 from cameo_bench.config.spec import EvalSpec
 from cameo_bench.evaluation.attention import attention_metrics, supervised_copy
 from cameo_bench.evaluation.consistency import consistency_pairs, warp_error
-from cameo_bench.evaluation.metrics import LpipsScorer, image_metrics, quality_by_bin, target_view_angles
+from cameo_bench.evaluation.convergence import convergence_metrics
+from cameo_bench.evaluation.floors import FloorScores
+from cameo_bench.evaluation.metrics import (LpipsScorer, image_metrics, lpips_nets, quality_by_bin, summarise_quality,
+                                            target_view_angles)
+from cameo_bench.evaluation.protocol import drop_uncomputed, resolve_conventions
 from cameo_bench.tracking import keys
 
 
@@ -32,29 +38,41 @@ class _Perturbed:
 
 @torch.no_grad()
 def evaluate(model, diffusion, batches: list[dict], spec: EvalSpec, *, seed: int = 0,
-             supervised_layer: str | None = None, perturb: dict[str, str] | None = None) -> dict[str, float]:
+             supervised_layer: str | None = None, perturb: dict[str, str] | None = None,
+             floors: bool = True, omitted: dict[str, str] | None = None) -> dict[str, float]:
     """`eval/*` metrics of DDIM samples of the target views of `batches` and, when `spec.attention`,
     `attn/*` metrics of every layer (repeated under `attn/supervised/` for `supervised_layer`).
 
-    Sampling noise of batch b comes from `seed * 1_000_003 + b`, so two runs evaluated with the same
-    seed see the same noise. The model's train/eval mode is restored on return.
+    With `floors`, also `eval/floor/*` and `eval/oracle/*` (they do not depend on the model: the
+    engine asks for them once per run); with `spec.convergence_timesteps`, `eval/heldout_loss*` and
+    `eval/x0_psnr/*`. Sampling noise of batch b comes from `seed * 1_000_003 + b`, so two runs
+    evaluated with the same seed see the same noise. The model's train/eval mode is restored on return.
+    Metrics follow `spec.conventions` (evaluation/metrics.py); one that cannot be computed (no LPIPS
+    weights, no depth, no correspondence truth) is left out, never NaN, and `omitted` (if given)
+    gets `{metric: why}`.
     """
+    omitted = {} if omitted is None else omitted
+    conventions = resolve_conventions(spec.conventions)
     was_training = model.training
     model.eval()
     try:
         per_image: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "lpips_vgg": [], "lpips_alex": []}
         consistency, consistency_gt, angles = [], [], []
-        scorers = [LpipsScorer(net) for net in ("vgg", "alex")] if spec.lpips else []
+        scorers = [LpipsScorer(net) for net in lpips_nets(conventions)] if spec.lpips else []
+        omitted.update({keys.eval_metric(s.metric): s.reason for s in scorers if not s.available})
+        floor_scores = FloorScores(scorers, conventions) if floors else None
         for b, batch in enumerate(batches):
             num_ref = int(batch["num_ref"])
             generator = torch.Generator().manual_seed(seed * 1_000_003 + b)
             images = diffusion.sample(_Perturbed(model, perturb) if perturb else model, batch,
                                       num_steps=spec.sampler_steps, guidance_scale=spec.guidance_scale,
-                                      generator=generator)  # [B, V, 3, H, W]
+                                      generator=generator, eta=spec.sampler_eta)  # [B, V, 3, H, W]
             pred = rearrange(images[:, num_ref:], "b v c h w -> (b v) c h w")
             gt = rearrange(batch["image"][:, num_ref:], "b v c h w -> (b v) c h w")
             angles.append(target_view_angles(batch["cam2world"], num_ref).flatten().cpu())  # [(b v)]
-            for key, value in image_metrics(pred, gt).items():
+            if floor_scores is not None:
+                floor_scores.add(batch, angles[-1])
+            for key, value in image_metrics(pred, gt, conventions).items():
                 per_image[key].append(value.cpu())
             for scorer in scorers:
                 if scorer.available:
@@ -64,16 +82,26 @@ def evaluate(model, diffusion, batches: list[dict], spec: EvalSpec, *, seed: int
                 consistency.append(warp_error(images, batch, pairs).cpu())
                 consistency_gt.append(warp_error(batch["image"], batch, pairs).cpu())
         per_image = {k: torch.cat(v) for k, v in per_image.items() if v}
-        out = {keys.eval_metric(k): float(v.mean()) for k, v in per_image.items()}
-        out.update(quality_by_bin(per_image, torch.cat(angles)))
-        if consistency:
+        out = summarise_quality(per_image, conventions)
+        out.update(quality_by_bin(per_image, torch.cat(angles), conventions))
+        if consistency and torch.cat(consistency).numel():
             out[keys.CONSISTENCY] = float(torch.cat(consistency).mean())
             out[keys.CONSISTENCY_GT] = float(torch.cat(consistency_gt).mean())
+        else:
+            why = "no pixel of a generated view lands in another view" if consistency else "no evaluation batch has depth"
+            omitted.update({keys.CONSISTENCY: why, keys.CONSISTENCY_GT: why})
+        if floor_scores is not None:
+            out.update(floor_scores.metrics())
+        if spec.convergence_timesteps and perturb is None:
+            out.update(convergence_metrics(model, diffusion, batches, seed=seed, num_timesteps=spec.convergence_timesteps))
         if spec.attention and perturb is None:
-            out.update(attention_metrics(model, diffusion, batches, timestep=spec.attention_timestep, seed=seed))
+            out.update(attention_metrics(model, diffusion, batches, timestep=spec.attention_timestep, seed=seed,
+                                         truth=spec.attention_truth, omitted=omitted))
             if supervised_layer is not None:
                 out.update(supervised_copy(out, supervised_layer))
-        return out
+                if keys.SUPERVISED_PCK1 in out:  # the headline copy: MLflow shows it with eval/psnr
+                    out[keys.PCK_SUPERVISED] = out[keys.SUPERVISED_PCK1]
+        return drop_uncomputed(out, omitted)
     finally:
         model.train(was_training)
 
@@ -85,11 +113,11 @@ def perturbation_analysis(model, diffusion, batches: list[dict], spec: EvalSpec,
     `perturb/base/<metric>` is the unperturbed evaluation, `perturb/<layer>/{psnr,ssim}_drop` the
     fall with that layer's attention output replaced by its values; same seed, so same noise.
     """
-    quiet = dataclasses.replace(spec, attention=False, lpips=False)
-    base = evaluate(model, diffusion, batches, quiet, seed=seed)
+    quiet = dataclasses.replace(spec, attention=False, lpips=False, convergence_timesteps=0)
+    base = evaluate(model, diffusion, batches, quiet, seed=seed, floors=False)
     out = {keys.perturb_metric(keys.PERTURB_BASE, k.removeprefix(keys.EVAL)): v for k, v in base.items()}
     for name in layers if layers is not None else [layer.name for layer in model.attention_layers()]:
-        hit = evaluate(model, diffusion, batches, quiet, seed=seed, perturb={name: "identity"})
+        hit = evaluate(model, diffusion, batches, quiet, seed=seed, perturb={name: "identity"}, floors=False)
         for metric in ("psnr", "ssim"):
             key = keys.eval_metric(metric)
             out[keys.perturb_metric(name, metric + keys.DROP)] = base[key] - hit[key]

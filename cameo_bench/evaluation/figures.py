@@ -138,6 +138,7 @@ def _query_token(valid: torch.Tensor, h: int, w: int) -> int:
 @torch.no_grad()
 def eval_figures(model, diffusion, batch: dict, folder: str | pathlib.Path, *, layer: str | None,
                  sampler_steps: int, guidance_scale: float = 1.0, seed: int = 0, timestep: int = 500,
+                 sampler_eta: float = 0.0,
                  max_scenes: int = 2) -> list[pathlib.Path]:
     """`samples.png` (generated vs ground truth of the first scenes of `batch`) and, when `layer`
     is given, `attention.png` (one query of the first target view at noise level `timestep`,
@@ -149,15 +150,16 @@ def eval_figures(model, diffusion, batch: dict, folder: str | pathlib.Path, *, l
         batch = {k: v[:max_scenes] if torch.is_tensor(v) else v for k, v in batch.items()}
         num_ref = int(batch["num_ref"])
         generated = diffusion.sample(model, batch, num_steps=sampler_steps, guidance_scale=guidance_scale,
-                                     generator=torch.Generator().manual_seed(seed * 1_000_003))
+                                     generator=torch.Generator().manual_seed(seed * 1_000_003), eta=sampler_eta)
         fig = sample_grid(generated, batch["image"], num_ref=num_ref, max_scenes=max_scenes)
         paths = [save_figure(fig, folder / keys.SAMPLES_FIGURE)]
         if layer is None:
             return paths
 
         spec = model.get_attention_layer(layer)
+        stride = spec.stride * diffusion.codec.downsample  # token stride in image pixels (latents: x8)
         _, V, _, H, W = batch["image"].shape
-        grid = (V, H // spec.stride, W // spec.stride)
+        grid = (V, H // stride, W // stride)
         _, h, w = grid
         # measured with the real cameras, as the attention metrics are
         tap = layer_tap(model, real_cameras(diffusion), batch, layer, timestep=timestep, seed=seed)
@@ -165,16 +167,16 @@ def eval_figures(model, diffusion, batch: dict, folder: str | pathlib.Path, *, l
         key_views = [v for v in range(V) if v != query_view]
         gt_px = torch.full((V, 2), math.nan)
         if "depth" in batch:
-            gt_tok, gt_valid, _ = token_ground_truth(batch, grid, spec.stride)  # [B, V, V, hw, 2], [B, V, V, hw]
+            gt_tok, gt_valid, _ = token_ground_truth(batch, grid, stride)  # [B, V, V, hw, 2], [B, V, V, hw]
             gt_tok, gt_valid = gt_tok[0, query_view].float().cpu(), gt_valid[0, query_view].cpu()  # [V, hw, 2], [V, hw]
             token = _query_token(gt_valid[key_views], h, w)
-            gt_px = torch.where(gt_valid[:, token, None], (gt_tok[:, token] + 0.5) * spec.stride - 0.5,
+            gt_px = torch.where(gt_valid[:, token, None], (gt_tok[:, token] + 0.5) * stride - 0.5,
                                 torch.tensor(math.nan))  # [V, 2] pixels in each view
         else:
             token = (h // 2) * w + w // 2
         query = query_view * h * w + token
         attention = key_view_attention(tap.q[0][:, query:query + 1], tap.k[0], tap.scale, grid)[0]  # [V, h, w]
-        query_xy = ((token % w + 0.5) * spec.stride - 0.5, (token // w + 0.5) * spec.stride - 0.5)
+        query_xy = ((token % w + 0.5) * stride - 0.5, (token // w + 0.5) * stride - 0.5)
         fig = attention_figure(batch["image"][0], query_view, query_xy, attention, gt_xy=gt_px.cpu(),
                                title=f"{layer} at t={timestep}")
         paths.append(save_figure(fig, folder / keys.ATTENTION_FIGURE))

@@ -52,8 +52,9 @@ def _run_trial(payload: dict, start: float) -> TrialResult:
     try:
         exp = config.parse(payload["gin_files"], payload["bindings"])
         exp.train.progress = False  # several trials share one terminal
-        mlflow = MlflowRun(payload["experiment"], payload["label"], uri=payload["tracking_uri"],
+        mlflow = MlflowRun(payload["experiment"], uri=payload["tracking_uri"],  # named by `run_label`
                            parent_run_id=payload["parent_run_id"], clear_error=True,
+                           label_extra=payload.get("label_extra", ()),
                            tags={keys.SWEEP_NAME: payload["sweep"], keys.SWEEP_TRIAL: payload["trial"],
                                  keys.SWEEP_LABEL: payload["label"]})
         trial = json.dumps(payload, indent=1, default=str)

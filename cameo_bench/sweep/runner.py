@@ -13,6 +13,7 @@ from typing import Any
 from cameo_bench.sweep.grid import Plan, Trial
 from cameo_bench.sweep.results import TrialResult
 from cameo_bench.tracking import keys
+from cameo_bench.tracking.labels import label_extras
 
 
 def payload(p: Plan, trial: Trial, parent_run_id: str | None, uri: str) -> dict[str, Any]:
@@ -23,6 +24,7 @@ def payload(p: Plan, trial: Trial, parent_run_id: str | None, uri: str) -> dict[
         "gin_files": list(p.gin_files), "bindings": p.trial_bindings(trial),
         "run_dir": str(p.run_root / trial.id), "sweep": p.spec.name, "experiment": p.spec.experiment_name,
         "parent_run_id": parent_run_id, "tracking_uri": uri,
+        "label_extra": label_extras(trial.varied, trial.bindings),  # the run name's parts beyond run_label's
     }
 
 
