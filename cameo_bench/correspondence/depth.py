@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from cameo_bench.correspondence.registry import register_source
+from cameo_bench.correspondence.registry import batch_key, register_source
 from cameo_bench.correspondence.sparse import sparse_depth_targets
 from cameo_bench.correspondence.targets import CorrespondenceTargets
 from cameo_bench.correspondence.tokens import (
@@ -160,12 +160,8 @@ def depth_source(
 
     `depth_key`: `auto` = dense `depth` when the batch has it, else `sparse_depth`.
     """
-    if depth_key not in DEPTH_KEY_CHOICES:
-        raise ValueError(f"depth_key {depth_key!r} is not one of {list(DEPTH_KEY_CHOICES)}")
-    key = ("depth" if "depth" in batch else "sparse_depth") if depth_key == "auto" else depth_key
-    if key not in batch:
-        raise KeyError(f"depth source with depth_key={depth_key!r} needs batch key {key!r}; "
-                       f"the batch has {sorted(batch)}")
+    key = batch_key(batch, "depth_key", depth_key, DEPTH_KEY_CHOICES, preferred="depth", fallback="sparse_depth",
+                    source="depth")
     if key == "sparse_depth":
         return sparse_depth_targets(batch["sparse_depth"], batch["intrinsics"], batch["cam2world"], grid, stride,
                                     mode=mode, k=k)

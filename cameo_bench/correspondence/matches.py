@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 
-from cameo_bench.correspondence.registry import register_source
+from cameo_bench.correspondence.registry import batch_key, register_source
 from cameo_bench.correspondence.targets import CorrespondenceTargets
 from cameo_bench.correspondence.tokens import assemble, view_pairs
 
@@ -155,12 +155,8 @@ def matches_source(
     V, h, w = grid
     image = batch["image"]
     B = image.shape[0]
-    if image_key not in IMAGE_KEYS:
-        raise ValueError(f"image_key {image_key!r} is not one of {list(IMAGE_KEYS)}")
-    key = ("match_image" if "match_image" in batch else "image") if image_key == "auto" else image_key
-    if key not in batch:
-        raise KeyError(f"matches with image_key={image_key!r} needs batch key {key!r} (gin data.match_image_size); "
-                       f"the batch has {sorted(batch)}")
+    key = batch_key(batch, "image_key", image_key, IMAGE_KEYS, preferred="match_image", fallback="image",
+                    source="matches", hint=" (gin data.match_image_size)")
     if max_sampson is not None and not {"intrinsics", "cam2world"} <= set(batch):
         raise KeyError("matches with max_sampson needs batch keys ['intrinsics', 'cam2world']")
     source = batch[key]

@@ -93,6 +93,17 @@ list_sources = SOURCES.list
 get_source = SOURCES.get
 
 
+def batch_key(batch: Mapping[str, Any], option: str, choice: str, choices, *, preferred: str, fallback: str,
+              source: str, hint: str = "") -> str:
+    """The batch key a source option names: `auto` = `preferred` when the batch has it, else `fallback`."""
+    if choice not in choices:
+        raise ValueError(f"{option} {choice!r} is not one of {list(choices)}")
+    key = (preferred if preferred in batch else fallback) if choice == "auto" else choice
+    if key not in batch:
+        raise KeyError(f"{source} with {option}={choice!r} needs batch key {key!r}{hint}; the batch has {sorted(batch)}")
+    return key
+
+
 def _check_grid(batch: Mapping[str, torch.Tensor], grid: tuple[int, int, int], stride: int) -> None:
     if len(grid) != 3:
         raise ValueError(f"grid must be (V, h, w), got {grid}")

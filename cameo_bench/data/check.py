@@ -22,18 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cameo_bench.data.scene_format import (
-    SceneCameras,
-    SceneFolderError,
-    read_cameras,
-    read_dataset_index,
-    read_depth,
-    read_image,
-    read_mask,
-    read_pointmap,
-    read_tracks,
-    scene_dir,
-)
+from cameo_bench.data.scene_format import (SceneCameras, SceneFolderError, read_cameras,
+    read_dataset_index, read_depth, read_image, read_mask, read_pointmap, read_tracks, scene_dir)
 
 FOV_RANGE_DEG = (1.0, 170.0)
 ASPECT_RANGE = (0.5, 2.0)

@@ -417,28 +417,28 @@ def read_pointmap(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return xyz.astype(np.float32), conf.astype(np.float32)
 
 
+def _ids_and_vectors(path: Path, names: tuple[str, str], width: int, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Integer ids [n] and finite vectors [n, width] of one npz file, checked, as (int64, float32)."""
+    ids, vectors = _load_npz(path, names, what)
+    if ids.ndim != 1 or vectors.shape != (len(ids), width) or not np.issubdtype(ids.dtype, np.integer):
+        raise SceneFolderError(f"{path}: expected integer {names[0]} [n] and {names[1]} [n, {width}], got "
+                               f"{ids.dtype} {ids.shape} and {vectors.shape}")
+    if not np.isfinite(vectors).all():
+        raise SceneFolderError(f"{path}: field {names[1]!r} is not finite")
+    return ids.astype(np.int64), vectors.astype(np.float32)
+
+
 def read_points3d(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """`points3d.npz` -> (ids int64 [P], xyz float32 [P, 3] world frame)."""
-    ids, xyz = _load_npz(path, ("ids", "xyz"), "sparse points")
-    if ids.ndim != 1 or xyz.shape != (len(ids), 3) or not np.issubdtype(ids.dtype, np.integer):
-        raise SceneFolderError(f"{path}: expected integer ids [P] and xyz [P, 3], got {ids.dtype} {ids.shape} "
-                               f"and {xyz.shape}")
-    if not np.isfinite(xyz).all():
-        raise SceneFolderError(f"{path}: field 'xyz' has non-finite points")
+    ids, xyz = _ids_and_vectors(path, ("ids", "xyz"), 3, "sparse points")
     if len(np.unique(ids)) != len(ids):
         raise SceneFolderError(f"{path}: field 'ids' has duplicate point ids")
-    return ids.astype(np.int64), xyz.astype(np.float32)
+    return ids, xyz
 
 
 def read_track(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """`tracks/<frame>.npz` -> (point_ids int64 [n], uv float32 [n, 2] stored-image pixels)."""
-    point_ids, uv = _load_npz(path, ("point_ids", "uv"), "track")
-    if point_ids.ndim != 1 or uv.shape != (len(point_ids), 2) or not np.issubdtype(point_ids.dtype, np.integer):
-        raise SceneFolderError(f"{path}: expected integer point_ids [n] and uv [n, 2], got {point_ids.dtype} "
-                               f"{point_ids.shape} and {uv.shape}")
-    if not np.isfinite(uv).all():
-        raise SceneFolderError(f"{path}: field 'uv' is not finite")
-    return point_ids.astype(np.int64), uv.astype(np.float32)
+    return _ids_and_vectors(path, ("point_ids", "uv"), 2, "track")
 
 
 def read_tracks(cameras: SceneCameras) -> SparseTracks | None:

@@ -20,10 +20,8 @@ from __future__ import annotations
 import torch
 from torch.utils import flop_counter
 
-from backbones import TapRequest
-from cameo_bench.correspondence import compute_targets
 from cameo_bench.engine.build import Run
-from cameo_bench.engine.step import autocast, draw, layer_grid, local_batch, rng_scope, select_queries
+from cameo_bench.engine.step import forward_micro_batch, local_batch
 from cameo_bench.tracking import keys
 
 _aten = torch.ops.aten
@@ -52,20 +50,10 @@ def count_flops(fn) -> int:
 
 def _one_micro_step(run: Run) -> None:
     """Forward + backward of micro-batch 0 of step 0, as `train_step` runs it, without the update."""
-    exp = run.exp
     batch, positions = local_batch(run, 0)
-    with rng_scope(run, 0, positions):
-        draws = draw(run, batch, 0, positions)
-        tap, targets = None, None
-        if run.cameo_loss is not None:
-            grid, stride = layer_grid(run, batch)
-            with torch.no_grad():
-                targets = compute_targets(exp.cameo.source, batch, grid, stride, **exp.cameo.source_options)
-            tap = TapRequest(run.layer, select_queries(run.cameo_loss, targets, batch["num_ref"], draws.generators))
-        with autocast(run):
-            diff_loss, _, align, _ = run.step_module(batch, draws, tap, targets)
-        total = diff_loss if align is None else diff_loss + exp.cameo.weight * align
-        total.backward()
+    diff_loss, _, align, _, _ = forward_micro_batch(run, run.step_module, batch, 0, positions)
+    total = diff_loss if align is None else diff_loss + run.exp.cameo.weight * align
+    total.backward()
 
 
 def train_flops_per_step(run: Run) -> int:

@@ -104,6 +104,26 @@ def layer_grid(run: Run, batch: dict) -> tuple[tuple[int, int, int], int]:
     return (V, H // stride, W // stride), stride
 
 
+def forward_micro_batch(run: Run, module, batch: dict, batch_no: int, positions: range):
+    """Draws, correspondence targets, query selection and the forward of one micro-batch: the part of
+    a step that the training step and the FLOP count (`engine.compute`) share.
+
+    -> (diffusion loss, cond_mask [B, V], alignment loss or None, CAMEO diagnostics, targets or None).
+    """
+    exp = run.exp
+    with rng_scope(run, batch_no, positions):
+        draws = draw(run, batch, batch_no, positions)
+        tap, targets = None, None
+        if run.cameo_loss is not None:
+            grid, stride = layer_grid(run, batch)
+            with torch.no_grad():
+                targets = compute_targets(exp.cameo.source, batch, grid, stride, **exp.cameo.source_options)
+            tap = TapRequest(run.layer, select_queries(run.cameo_loss, targets, batch["num_ref"], draws.generators))
+        with autocast(run):
+            diff_loss, cond_mask, align, diag = module(batch, draws, tap, targets)
+    return diff_loss, cond_mask, align, diag, targets
+
+
 def train_step(run: Run, step: int) -> dict[str, float]:
     """One optimizer step over `optim.grad_accum` micro-batches of `data.batch_size` each.
 
@@ -122,16 +142,8 @@ def train_step(run: Run, step: int) -> dict[str, float]:
         # Gradients are all-reduced once, on the last micro-step.
         sync = run.ddp_model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
         with sync:
-            with rng_scope(run, batch_no, positions):
-                draws = draw(run, batch, batch_no, positions)
-                tap, targets = None, None
-                if run.cameo_loss is not None:
-                    grid, stride = layer_grid(run, batch)
-                    with torch.no_grad():
-                        targets = compute_targets(exp.cameo.source, batch, grid, stride, **exp.cameo.source_options)
-                    tap = TapRequest(run.layer, select_queries(run.cameo_loss, targets, batch["num_ref"], draws.generators))
-                with autocast(run):
-                    diff_loss, cond_mask, align, diag = run.ddp_model(batch, draws, tap, targets)
+            diff_loss, cond_mask, align, diag, targets = forward_micro_batch(run, run.ddp_model, batch, batch_no,
+                                                                             positions)
             terms = {"diffusion": diff_loss} if align is None else {"diffusion": diff_loss, "cameo": align}
             # One all-reduce: the global count of supervised target views, and which terms are
             # non-finite on any rank (the skip/stop decision must be the same everywhere).

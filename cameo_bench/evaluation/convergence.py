@@ -95,7 +95,7 @@ def convergence_metrics(model, diffusion, batches: list[dict], *, seed: int = 0,
                 pred = rearrange(images, "b v c h w -> (b v) c h w")
                 psnr[t].append(image_metrics(pred, gt)["psnr"].cpu())
         total += n
-    out = {keys.heldout_loss_at(t): s / total for t, s in loss_sum.items()}
+    out = {keys.at_timestep(keys.HELDOUT_LOSS, t): s / total for t, s in loss_sum.items()}
     out[keys.HELDOUT_LOSS] = sum(out.values()) / len(out)
-    out.update({keys.x0_psnr_at(t): float(torch.cat(v).mean()) for t, v in psnr.items() if v})
+    out.update({keys.at_timestep(keys.X0_PSNR, t): float(torch.cat(v).mean()) for t, v in psnr.items() if v})
     return out

@@ -98,19 +98,13 @@ def oracle_metric(oracle: str, name: str) -> str:
 HELDOUT_LOSS = "eval/heldout_loss"  # mean over the fixed timesteps
 
 
-def fixed_t(t: int) -> str:
-    """`t0250`: the name of one fixed timestep (zero-padded so names sort by t)."""
-    return f"t{t:04d}"
+X0_PSNR = "eval/x0_psnr"  # PSNR of the target views decoded from the one-step x0 prediction
 
 
-def heldout_loss_at(t: int) -> str:
-    """`eval/heldout_loss/t0250`: held-out diffusion loss at timestep t, fixed noise."""
-    return f"eval/heldout_loss/{fixed_t(t)}"
-
-
-def x0_psnr_at(t: int) -> str:
-    """`eval/x0_psnr/t0250`: PSNR of the target views decoded from the one-step x0 prediction at t."""
-    return f"eval/x0_psnr/{fixed_t(t)}"
+def at_timestep(metric: str, t: int) -> str:
+    """`eval/heldout_loss/t0250`, `eval/x0_psnr/t0500`: a convergence metric at one fixed timestep
+    (zero-padded so that names sort by t)."""
+    return f"{metric}/t{t:04d}"
 
 
 def eval_by_bin(name: str, bin_name: str) -> str:
