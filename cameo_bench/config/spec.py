@@ -397,6 +397,10 @@ class CameoSpec(_Checked):
     # a run whose CAMEO term has no supervised pair for this many consecutive steps stops with an
     # error naming the source, the layer grid and the batch keys (0 = never stop)
     max_zero_pair_steps: int = knob(20, integer(0))
+    # correspondence targets of a deterministic per-sample source (depth, pointmap_nn, epipolar,
+    # matches) kept per training item and layer grid, up to this many MB (engine/target_cache.py;
+    # the same targets as computing them every step; 0 = compute every step)
+    target_cache_mb: int = knob(256, integer(0))
 
     @property
     def enabled(self) -> bool:

@@ -88,13 +88,33 @@ def warn_if_few_samples(num_items: int, data: DataSpec) -> None:
 
 
 class MemoryCache:
-    """Items of a deterministic dataset, rendered once. Synthetic scenes are cheap to keep."""
+    """Items of a deterministic dataset, rendered once. Synthetic scenes are cheap to keep.
+
+    It also keeps values computed from a held item (`keep` / `derived`; the correspondence
+    targets of a deterministic source, `engine/target_cache.py`): a held item is the same tensors
+    at every read, so a value computed from them stays exact for as long as the cache lives.
+    """
 
     def __init__(self, dataset, limit_bytes: int = 2 << 30):
         self.dataset = dataset
         self.items: dict[int, dict] = {}
         self.limit = limit_bytes
         self.size = 0
+        self.derived_values: dict[tuple, object] = {}  # (index, key) -> value computed from item `index`
+        self.derived_size = 0
+
+    def derived(self, index: int, key):
+        """The value `keep` stored for item `index` under `key`, or None."""
+        return self.derived_values.get((index, key))
+
+    def keep(self, index: int, key, value, nbytes: int, limit_bytes: int) -> bool:
+        """Store `value`, computed from item `index` as this cache returns it, under `key`; only
+        for an item the cache holds, and while all kept values stay within `limit_bytes`."""
+        if index not in self.items or (index, key) in self.derived_values or self.derived_size + nbytes > limit_bytes:
+            return False
+        self.derived_values[(index, key)] = value
+        self.derived_size += nbytes
+        return True
 
     def __len__(self) -> int:
         return len(self.dataset)

@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from backbones import TapRequest
-from cameo_bench.correspondence import compute_targets
 from cameo_bench.data.batch import batch_to, collate
 from cameo_bench.data.loading import batch_indices
 from cameo_bench.engine import checkpoint, distributed
 from cameo_bench.engine.build import Run
+from cameo_bench.engine.target_cache import step_targets
 from cameo_bench.tracking import keys
 
 
@@ -44,11 +45,21 @@ class SampleDraws:
 
 def local_batch(run: Run, batch_no: int) -> tuple[dict, range]:
     """This rank's slice of global batch `batch_no`, and the slice's positions in it."""
-    data = run.exp.data
-    idx = batch_indices(len(run.train_set), data.batch_size, batch_no, data.seed)
-    per_rank = len(idx) // run.dist.world
+    per_rank = run.exp.data.batch_size // run.dist.world
     positions = range(run.dist.rank * per_rank, (run.dist.rank + 1) * per_rank)
-    return batch_to(collate([run.train_set[idx[p]] for p in positions]), run.device), positions
+    return batch_to(collate([run.train_set[i] for i in batch_items(run, batch_no, positions)]), run.device), positions
+
+
+@functools.lru_cache(maxsize=8)
+def _batch_indices(num_items: int, batch_size: int, batch_no: int, seed: int) -> tuple[int, ...]:
+    return tuple(batch_indices(num_items, batch_size, batch_no, seed))
+
+
+def batch_items(run: Run, batch_no: int, positions: range) -> list[int]:
+    """Training-set indices of the samples at `positions` of global batch `batch_no`."""
+    data = run.exp.data
+    idx = _batch_indices(len(run.train_set), data.batch_size, batch_no, data.seed)
+    return [idx[p] for p in positions]
 
 
 def draw(run: Run, batch: dict, batch_no: int, positions: range) -> SampleDraws:
@@ -70,6 +81,8 @@ def select_queries(cameo_loss, targets, num_ref: int, generators: list[torch.Gen
         return dataclasses.replace(targets, idx=targets.idx[b:b + 1], weight=targets.weight[b:b + 1],
                                    valid=targets.valid[b:b + 1], cost=cost)
 
+    if cameo_loss.query_sampling == "all":  # nothing drawn: the same ids for every sample, in one call
+        return cameo_loss.select_queries(targets, num_ref)
     return torch.cat([cameo_loss.select_queries(sample(b), num_ref, g) for b, g in enumerate(generators)])
 
 
@@ -106,7 +119,9 @@ def layer_grid(run: Run, batch: dict) -> tuple[tuple[int, int, int], int]:
 
 def forward_micro_batch(run: Run, module, batch: dict, batch_no: int, positions: range):
     """Draws, correspondence targets, query selection and the forward of one micro-batch: the part of
-    a step that the training step and the FLOP count (`engine.compute`) share.
+    a step that the training step and the FLOP count (`engine.compute`) share. `batch` is
+    `local_batch(run, batch_no)`'s: the targets of deterministic sources come from the training
+    set's cache of them (`engine/target_cache.py`), by item.
 
     -> (diffusion loss, cond_mask [B, V], alignment loss or None, CAMEO diagnostics, targets or None).
     """
@@ -117,7 +132,8 @@ def forward_micro_batch(run: Run, module, batch: dict, batch_no: int, positions:
         if run.cameo_loss is not None:
             grid, stride = layer_grid(run, batch)
             with torch.no_grad():
-                targets = compute_targets(exp.cameo.source, batch, grid, stride, **exp.cameo.source_options)
+                targets = step_targets(run.train_set, batch_items(run, batch_no, positions), exp.cameo.source,
+                                       exp.cameo.source_options, batch, grid, stride, exp.cameo.target_cache_mb)
             tap = TapRequest(run.layer, select_queries(run.cameo_loss, targets, batch["num_ref"], draws.generators))
         with autocast(run):
             diff_loss, cond_mask, align, diag = module(batch, draws, tap, targets)

@@ -64,6 +64,7 @@ from backbones.interface import TapResult
 from cameo_bench.config.spec import CAMEO_IMPLS as IMPLS
 from cameo_bench.config.spec import HEADS, KEY_VIEWS, LOSSES, NORMALIZATIONS, QUERY_VIEWS, TARGETS
 from cameo_bench.correspondence.targets import CorrespondenceTargets
+from cameo_bench.objectives.alignment_onehot import run_onehot
 from cameo_bench.objectives.alignment_sparse import Fold, MlpHead, run_pairs, run_plan, sparse_target_loss
 from cameo_bench.objectives.alignment_plan import block_layout, build_plan, from_rows, groups_of, row_grads
 
@@ -361,13 +362,20 @@ class CameoLoss(nn.Module):
         if self.normalization == "per_view":  # one row per supervised pair (`run_pairs`)
             pair_w, idx, weight, group = per_query
             w = pair_w * (factors[group] / num_out)[..., None]  # [B, Qs, V] term weights
-            run = partial(run_pairs, idx=idx, t=weight, w=w, group=group, chunk=self.chunk_size, kernel=self.kernel,
+            scorer = run_onehot if self._onehot_rows else run_pairs
+            run = partial(scorer, idx=idx, t=weight, w=w, group=group, chunk=self.chunk_size, kernel=self.kernel,
                           **options)
         else:  # one softmax over every supported key: whole query rows, stacked by layout
             work = [(stack, *self._weighted(stack, per_query, factors, num_out), self.chunk_size)
                     for stack in plan.stacks]
             run = partial(run_plan, work=work, per_view=False, **options)
         return sparse_target_loss(q, k, fold, run, mix if self.head_mode == "linear" else None, head_params)
+
+    @property
+    def _onehot_rows(self) -> bool:
+        """The options `alignment_onehot.run_onehot` scores (the quickstart's among them)."""
+        return (self.head_mode in ("mean", "linear", "per_head") and self.normalization == "per_view"
+                and self.target != "soft" and self.loss in ("ce", "kl") and self.log_eps == 0 and self.kernel == "torch")
 
     @staticmethod
     def _weighted(stack, per_query, factors, num_out):

@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
             return out
         return wrapper
 
-    step_module.compute_targets = timed("targets", step_module.compute_targets)
+    step_module.step_targets = timed("targets", step_module.step_targets)
     step_module.select_queries = timed("select_queries", step_module.select_queries)
     build.StepModule.forward = timed("forward", build.StepModule.forward)
     alignment.CameoLoss.forward = timed("loss", alignment.CameoLoss.forward)
