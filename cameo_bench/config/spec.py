@@ -47,6 +47,9 @@ CONVENTION_PRESETS = {
     "default": {"psnr": "per_image", "ssim": "torchmetrics", "lpips": "vgg+alex"},  # the numbers of before
     "pixelsplat": {"psnr": "per_image", "ssim": "gaussian11", "lpips": "vgg"},  # pixelSplat / MVSplat metric code
 }
+# foreign layouts a trained model can also be written in (`train.pretrained_layouts`; backbones/export_layouts.py
+# keeps the same names, a test checks they agree): a facebookresearch DiT state dict, a diffusers SD UNet folder
+PRETRAINED_LAYOUTS = ("dit", "sd_unet")
 ATTENTION_TRUTHS = ("auto", "depth", "sfm_tracks", "matches")  # auto = depth, else tracks, else SIFT matches
 INDEX_MISSING = ("error", "skip")  # eval.index scenes absent from data.root
 
@@ -202,6 +205,15 @@ def convention_choice(value) -> str | None:
     except ValueError as err:
         return str(err)
     return None
+
+
+def subset_of(*valid: str) -> Check:
+    """A list or tuple of distinct names from `valid` (empty = none)."""
+    def check(value):
+        ok = (isinstance(value, (tuple, list)) and all(isinstance(v, str) and v in valid for v in value)
+              and len(set(value)) == len(value))
+        return None if ok else f"a list of distinct names from {list(valid)} (empty = none)"
+    return check
 
 
 def adam_betas(value) -> str | None:
@@ -434,6 +446,21 @@ class TrainSpec(_Checked):
     # torch.compile the backbone's forward (engine/build.py); the first steps then pay the compile
     # time (minutes on a CPU: reports/benchmarks/README.md says when it pays off)
     compile: bool = knob(False, boolean)
+    # write the model (the EMA's weights when kept) where `backbone.init_from` reads it, at every
+    # checkpoint and at the end (engine/pretrained.py): a save_pretrained folder at `pretrained_dir`
+    # ('' = '<run_dir>/pretrained'), plus, inside it, each of `pretrained_layouts`: 'dit' (mv_dit:
+    # dit.pt, facebookresearch/DiT keys), 'sd_unet' (mv_unet: sd_unet/, a diffusers UNet2DConditionModel)
+    save_pretrained: bool = knob(False, boolean)
+    pretrained_dir: str = knob("", path_or_empty)
+    pretrained_layouts: tuple = knob((), subset_of(*PRETRAINED_LAYOUTS))
+    # keep the backbone's camera path at zero from the start (a model that ignores its cameras, as
+    # DiT and SD do): what the layouts above need, e.g. for a single-view image prior
+    camera_inert: bool = knob(False, boolean)
+
+    def _check_together(self) -> None:
+        if self.pretrained_layouts and not self.save_pretrained:
+            self._fail(f"train.pretrained_layouts = {list(self.pretrained_layouts)} is set but train.save_pretrained "
+                       "is False: nothing would be written", "pretrained_layouts", "save_pretrained")
 
 
 @dataclass
@@ -513,6 +540,10 @@ class Experiment(_Checked):
         if self.eval.sampler_steps > T:
             raise SpecError(f"eval.sampler_steps = {self.eval.sampler_steps} must be <= "
                             f"diffusion.num_train_timesteps = {T}", "eval.sampler_steps", "diffusion.num_train_timesteps")
+        if self.cameo.enabled and self.data.num_views < 2:
+            raise SpecError(f"cameo.weight = {self.cameo.weight} supervises attention between views, but data.num_views "
+                            "= 1 has one view per sample: set cameo.weight = 0 (e.g. for a single-view prior)",
+                            "cameo.weight", "data.num_views")
         if self.eval.index is not None and self.data.kind != "folder":
             raise SpecError(f"eval.index = {self.eval.index!r} needs scene folders (data.kind = 'folder', "
                             f"data.root); data.kind is {self.data.kind!r}", "eval.index", "data.kind")

@@ -575,6 +575,8 @@ class SyntheticScenes(Dataset):
     reference (on 32 px scenes at 20 degree steps the depth-warp oracle reaches ~22.7 dB against
     ~15.7 dB for the best trivial predictor, vs 18.6 vs 15.6 dB when one reference extrapolates
     30 and 60 degrees: there most of a target is unseen, so no model can beat the floors by much).
+    `num_ref=0` makes every view a target: unconditional samples, e.g. `num_views=1` for the
+    single-view image prior that a multi-view model is then initialised from (SD -> CAT3D).
     Extra keyword arguments are `SceneConfig` fields.
     """
 
@@ -596,8 +598,8 @@ class SyntheticScenes(Dataset):
         unknown = sorted(set(scene_options) - valid)
         if unknown:
             raise TypeError(f"unknown SyntheticScenes option(s) {unknown}; valid: {sorted(valid)}")
-        if not 1 <= num_ref < num_views:
-            raise ValueError(f"need 1 <= num_ref < num_views, got num_ref={num_ref}, num_views={num_views}")
+        if not 0 <= num_ref < num_views:
+            raise ValueError(f"need 0 <= num_ref < num_views, got num_ref={num_ref}, num_views={num_views}")
         self.num_scenes = int(num_scenes)
         self.num_views = int(num_views)
         self.image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)

@@ -284,6 +284,10 @@ def build_run(exp: Experiment, *, device: str | torch.device | None = None, resu
     train_set = loading.MemoryCache(train_set)
     probe = collate([train_set[0]])
     model = create_model(exp, codec, model_size(exp, codec, probe))
+    if exp.train.camera_inert:  # a model that ignores its cameras (engine/pretrained.py): before the EMA copy
+        from cameo_bench.engine.pretrained import make_camera_inert
+
+        make_camera_inert(model)
     if exp.backbone.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.to(device)

@@ -10,7 +10,7 @@ import time
 import warnings
 from typing import Sequence
 
-from cameo_bench.engine import checkpoint, compute, distributed
+from cameo_bench.engine import checkpoint, compute, distributed, pretrained
 from cameo_bench.engine.build import Run
 from cameo_bench.engine.step import reduce_metrics, train_step
 from cameo_bench.evaluation.protocol import convention_params
@@ -116,6 +116,7 @@ def _checkpoint(run: Run, sinks: Sinks) -> None:
     checkpoint's step, which a resumed run's log drops; never a checkpoint whose metrics are lost."""
     sinks.flush()
     checkpoint.save_run(run)
+    pretrained.save(run)  # train.save_pretrained: the folder backbone.init_from reads
 
 
 def fit(run: Run, *, log: RunLog | None = None, trackers: Sequence = ()) -> dict[str, float]:
@@ -127,6 +128,7 @@ def fit(run: Run, *, log: RunLog | None = None, trackers: Sequence = ()) -> dict
     """
     exp = run.exp
     main = run.dist.is_main
+    pretrained.check(run)  # a layout the model cannot be written in fails now, not after training
     sinks = Sinks(log if log is not None else open_log(run), trackers) if main else Sinks(None)
     # a baseline logs `none` for the CAMEO settings it never used; conventions: how eval/* was computed
     sinks.log_params({**honest_params(exp.flat_params()), **convention_params(exp)})
@@ -171,5 +173,7 @@ def fit(run: Run, *, log: RunLog | None = None, trackers: Sequence = ()) -> dict
     finally:
         if progress is not None:
             progress.close()
+    if exp.train.checkpoint_every == 0:  # else the last checkpoint wrote it
+        pretrained.save(run)
     sinks.finish("FINISHED", None)
     return run.state.last_metrics

@@ -25,6 +25,21 @@ from cameo_bench.evaluation.protocol import drop_uncomputed, resolve_conventions
 from cameo_bench.tracking import keys
 
 
+# Why an evaluation of samples without references (data.num_ref = 0: a single-view image prior)
+# leaves out every metric that compares a sample with its ground-truth view.
+NO_REFERENCES = ("no reference views (data.num_ref = 0): samples are unconditional, so they reconstruct no "
+                 "ground-truth view; the held-out loss and one-step x0 PSNR still measure the model")
+
+
+def unconditional_omissions(lpips: list[str], floors: bool) -> dict[str, str]:
+    """{metric or prefix: why} for an evaluation whose batches have no references (`lpips`: the
+    LPIPS metrics that would otherwise have been scored)."""
+    names = [keys.PSNR, keys.SSIM, *lpips]
+    if floors:
+        names += [keys.FLOOR, keys.ORACLE]
+    return dict.fromkeys(names, NO_REFERENCES)
+
+
 class _Perturbed:
     """Calls the model with a fixed `perturb` mapping, whatever the caller passes."""
 
@@ -63,6 +78,8 @@ def evaluate(model, diffusion, batches: list[dict], spec: EvalSpec, *, seed: int
         floor_scores = FloorScores(scorers, conventions) if floors else None
         for b, batch in enumerate(batches):
             num_ref = int(batch["num_ref"])
+            if num_ref == 0:  # no reference (an image prior): a sample is unconditional, it reconstructs no view
+                continue
             generator = torch.Generator().manual_seed(seed * 1_000_003 + b)
             images = diffusion.sample(_Perturbed(model, perturb) if perturb else model, batch,
                                       num_steps=spec.sampler_steps, guidance_scale=spec.guidance_scale,
@@ -83,18 +100,26 @@ def evaluate(model, diffusion, batches: list[dict], spec: EvalSpec, *, seed: int
                 consistency_gt.append(warp_error(batch["image"], batch, pairs).cpu())
         per_image = {k: torch.cat(v) for k, v in per_image.items() if v}
         out = summarise_quality(per_image, conventions)
-        out.update(quality_by_bin(per_image, torch.cat(angles), conventions))
+        if angles:
+            out.update(quality_by_bin(per_image, torch.cat(angles), conventions))
+        else:
+            scored = [keys.eval_metric(s.metric) for s in scorers if s.available]
+            omitted.update(unconditional_omissions(scored, floors=floor_scores is not None))
+            floor_scores = None
         if consistency and torch.cat(consistency).numel():
             out[keys.CONSISTENCY] = float(torch.cat(consistency).mean())
             out[keys.CONSISTENCY_GT] = float(torch.cat(consistency_gt).mean())
         else:
-            why = "no pixel of a generated view lands in another view" if consistency else "no evaluation batch has depth"
+            why = ("no pixel of a generated view lands in another view" if consistency
+                   else NO_REFERENCES if not angles else "no evaluation batch has depth")
             omitted.update({keys.CONSISTENCY: why, keys.CONSISTENCY_GT: why})
         if floor_scores is not None:
             out.update(floor_scores.metrics())
         if spec.convergence_timesteps and perturb is None:
             out.update(convergence_metrics(model, diffusion, batches, seed=seed, num_timesteps=spec.convergence_timesteps))
-        if spec.attention and perturb is None:
+        if spec.attention and perturb is None and max(batch["image"].shape[1] for batch in batches) < 2:
+            omitted[keys.ATTN] = "one view per sample: attention correspondence needs 2 or more views"
+        elif spec.attention and perturb is None:
             out.update(attention_metrics(model, diffusion, batches, timestep=spec.attention_timestep, seed=seed,
                                          truth=spec.attention_truth, omitted=omitted))
             if supervised_layer is not None:

@@ -153,7 +153,7 @@ def eval_figures(model, diffusion, batch: dict, folder: str | pathlib.Path, *, l
                                      generator=torch.Generator().manual_seed(seed * 1_000_003), eta=sampler_eta)
         fig = sample_grid(generated, batch["image"], num_ref=num_ref, max_scenes=max_scenes)
         paths = [save_figure(fig, folder / keys.SAMPLES_FIGURE)]
-        if layer is None:
+        if layer is None or batch["image"].shape[1] < 2:  # one view: no other view to attend to
             return paths
 
         spec = model.get_attention_layer(layer)
