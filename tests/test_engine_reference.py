@@ -25,7 +25,7 @@ REFERENCE = json.loads(FIXTURE.read_text())
 CASE_FILES = {
     "dit_micro_cameo": ["gin/experiments/smoke.gin"],
     "unet_micro_cameo_linear": ["gin/experiments/smoke.gin", "gin/backbones/mv_unet_micro.gin"],
-    "dit_tiny_quickstart": ["gin/experiments/quickstart.gin"],
+    "dit_tiny_quickstart": ["tests/fixtures/quickstart_pre_issue13.gin"],
     "dit_micro_baseline_ema": ["gin/experiments/smoke.gin"],
 }
 SAME_KERNELS = (REFERENCE["torch"] == torch.__version__
