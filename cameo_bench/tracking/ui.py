@@ -32,7 +32,9 @@ from cameo_bench.tracking.process_group import start_group, stop_group
 HOST = "127.0.0.1"
 INSTALL_HINT = "pip install -e '.[ui]'   (or: make ui, which installs it)"
 MODEL_TRAINING = "workflowType=machine_learning"  # MLflow 3's query parameter for the runs-table mode
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT arrives as KeyboardInterrupt
+# SIGINT too, explicitly: a launcher started in the background by a non-interactive shell inherits
+# SIGINT as ignored, and Python then installs no KeyboardInterrupt handler (seen: a test hung on it)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
 def server_available() -> bool:

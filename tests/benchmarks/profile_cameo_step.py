@@ -1,7 +1,7 @@
 """Where a CAMEO training step's extra time goes: targets, query selection, the loss's planning, the loss itself, the backward.
 
 A script, not a test (reports/benchmarks/README.md, "Where the time goes"). It builds the
-quickstart configuration (gin/experiments/quickstart.gin at gin/sweeps/quickstart.gin's batch 4:
+quickstart configuration (gin/experiments/quickstart.gin at batch 4 (the size issue 14's bar was set at):
 3 views, 32 px, mean head, every query) for one backbone twice, baseline and CAMEO, steps them in
 turn, and times the CAMEO step's parts in CPU seconds (one thread; medians over the rounds):
 
