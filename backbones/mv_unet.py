@@ -9,10 +9,14 @@ CAT3D paper). The stock `UNet2DConditionModel` builds the blocks and keeps SD we
 `from_sd_checkpoint` (behind `create_backbone("mv_unet", init_from=FOLDER)`, mapping in
 `backbones.init_sd_unet`) loads a Stable-Diffusion UNet folder by renaming nothing.
 `input_patch` > 1 runs the UNet on a pixel-unshuffled grid (the CPU analogue of a latent grid).
+`camera_levels="attention"` additionally adds a (zero-initialised) embedding of the raymap, pooled
+to each level's grid, to the input of every attention site, so 3D attention can match by ray.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -71,6 +75,68 @@ class _ForwardContext:
     state: TapState
     height: int  # input H, W in pixels of x_t: a layer's grid is (H / stride, W / stride)
     width: int
+    # camera_levels != "input": per attention site (Transformer2DModel), the embedding added to its
+    # input hidden states, [(B V), C_site, h, w]; empty otherwise
+    level_cameras: dict[str, torch.Tensor] | None = None
+
+
+CAMERA_LEVELS = ("input", "attention", "attention_sincos")
+_SINCOS_FREQS = 4  # per axis: 4 frequencies x (sin, cos) x (y, x) = 16 channels
+
+
+def _sincos_grid(h: int, w: int, device, dtype) -> torch.Tensor:  # [16, h, w]
+    """Fixed 2D sinusoidal features of a token's position in its view's grid, in [0, 1) units so
+    every level sees the same function of image position (frequencies 1, 2, 4, 8 cycles per image)."""
+    ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w
+    freqs = 2 ** torch.arange(_SINCOS_FREQS, device=device, dtype=dtype) * math.pi  # [F]
+    fy = ys[None, :, None] * freqs[:, None, None]  # [F, h, 1]
+    fx = xs[None, None, :] * freqs[:, None, None]  # [F, 1, w]
+    feats = [fy.sin().expand(-1, h, w), fy.cos().expand(-1, h, w), fx.sin().expand(-1, h, w), fx.cos().expand(-1, h, w)]
+    return torch.cat(feats, dim=0)
+
+
+class LevelCameraEmbedding(nn.Module):
+    """The raymap at one attention site's grid -> an additive embedding of that site's width.
+
+    The 7-channel camera signal (6 Plücker + mask) is average-pooled by the site's stride (the mean
+    ray over each token's pixel footprint) and, for `sincos`, concatenated with fixed 2D position
+    features; a per-token MLP (1x1 conv, SiLU, 1x1 conv) maps it to the site's channels. The last
+    layer is zero-initialised, so at init the embedding is exactly 0 and a model initialised from an
+    SD checkpoint still computes the stock UNet.
+    """
+
+    def __init__(self, channels: int, stride: int, hidden: int, sincos: bool):
+        super().__init__()
+        self.stride, self.sincos = stride, sincos
+        in_channels = CAMERA_CHANNELS + (4 * _SINCOS_FREQS if sincos else 0)
+        self.body = nn.Sequential(nn.Conv2d(in_channels, hidden, 1), nn.SiLU())
+        self.out = nn.Conv2d(hidden, channels, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, cam: torch.Tensor) -> torch.Tensor:  # [N, 7, H, W] -> [N, C, H/s, W/s]
+        x = F.avg_pool2d(cam, self.stride) if self.stride > 1 else cam  # [N, 7, h, w]
+        if self.sincos:
+            pos = _sincos_grid(*x.shape[-2:], x.device, x.dtype)  # [16, h, w]
+            x = torch.cat([x, pos.expand(x.shape[0], -1, -1, -1)], dim=1)
+        return self.out(self.body(x))
+
+
+def _add_level_camera(module: nn.Module, args: tuple, kwargs: dict, key: str):
+    """Forward pre-hook on a Transformer2DModel: hidden states += that site's camera embedding.
+
+    A top-level function plus a string key (not a bound method or closure), so `copy.deepcopy` of
+    the model (EMA) keeps working; the embedding comes with the forward's own context, computed
+    once per forward in `_denoise`."""
+    context = (kwargs.get("cross_attention_kwargs") or {}).get("mv_context")
+    if context is None or not context.level_cameras:
+        return None
+    hidden = args[0] if args else kwargs["hidden_states"]  # [(B V), C, h, w]
+    hidden = hidden + context.level_cameras[key].to(hidden.dtype)
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, dict(kwargs, hidden_states=hidden)
 
 
 class MultiViewAttnProcessor:
@@ -129,12 +195,24 @@ class MultiViewUNet(MultiViewBackbone, ModelMixin, ConfigMixin):
     pixel-unshuffles x_t by p before `conv_in` and pixel-shuffles the output back, so every level
     runs on a p-times smaller grid (attention strides are p * 2**level); the camera raymap is still
     built at the input resolution and the camera encoder strides it down to the first grid.
+
+    `camera_levels` says where cameras enter: "input" (default; only through `camera_injection`)
+    or also at every attention site ("attention": pooled raymap; "attention_sincos": pooled raymap
+    + fixed 2D sinusoidal positions), each through its own zero-initialised `LevelCameraEmbedding`
+    added to the hidden states entering the site's Transformer2DModel. Why: with input-only
+    injection the cameras are one additive term at conv_in, washed out by the time the 3D
+    attention runs, so a query token of a noisy target has neither ray nor position to find its
+    match in a reference (the DiT, which has rays and positions on every token, does). Adding at
+    the transformer input (rather than to q/k only) puts the signal in the residual stream as the
+    DiT does, costs one small MLP per site, and needs no change to the attention processor.
     """
 
     _supports_gradient_checkpointing = True
     # a model initialised from a checkpoint takes these from a preset or an override (the rest
     # comes from the SD config: see backbones.init_sd_unet)
-    init_overridable = ("cross_view_levels", "qk_norm", "camera_injection", "camera_hidden", "dropout")
+    init_overridable = (
+        "cross_view_levels", "qk_norm", "camera_injection", "camera_hidden", "dropout", "camera_levels",
+    )
     per_view_config = {"cross_view_levels": False}  # every level, and the mid block, per-view
 
     @register_to_config
@@ -155,6 +233,7 @@ class MultiViewUNet(MultiViewBackbone, ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         upcast_attention: bool = False,
         input_patch: int = 1,
+        camera_levels: str = "input",
     ):
         super().__init__()
         levels = len(block_out_channels)
@@ -170,6 +249,8 @@ class MultiViewUNet(MultiViewBackbone, ModelMixin, ConfigMixin):
                 raise ValueError(f"num_heads[{level}]={n_heads} does not divide {channels} channels")
         if camera_injection not in ("add", "concat"):
             raise ValueError(f"camera_injection must be 'add' or 'concat', got {camera_injection!r}")
+        if camera_levels not in CAMERA_LEVELS:
+            raise ValueError(f"camera_levels must be one of {CAMERA_LEVELS}, got {camera_levels!r}")
         if not isinstance(input_patch, int) or input_patch < 1:
             raise ValueError(f"input_patch must be a positive integer, got {input_patch!r}")
 
@@ -195,6 +276,27 @@ class MultiViewUNet(MultiViewBackbone, ModelMixin, ConfigMixin):
             if camera_injection == "add" else None
         )
         self._layers, self._layer_paths = self._inflate_attention(heads, cross_view_levels, qk_norm, input_patch)
+        # built after the UNet so the default ("input") consumes no random numbers: same init as before
+        self.level_cameras = (
+            self._level_camera_embeddings(input_patch, camera_hidden, sincos=camera_levels == "attention_sincos")
+            if camera_levels != "input" else None
+        )
+
+    def _level_camera_embeddings(self, input_patch: int, hidden: int, sincos: bool) -> nn.ModuleDict:
+        """One LevelCameraEmbedding per Transformer2DModel (attention site), keyed by its module
+        path with '.' -> '_', and a forward pre-hook on the transformer that adds it."""
+        levels = len(self.config.block_out_channels)
+        sites = [(f"unet.down_blocks.{i}", i) for i in range(levels)]
+        sites.append(("unet.mid_block", levels - 1))
+        sites += [(f"unet.up_blocks.{i}", levels - 1 - i) for i in range(levels)]
+        embeddings = nn.ModuleDict()
+        for block_path, level in sites:
+            for a, transformer in enumerate(getattr(self.get_submodule(block_path), "attentions", None) or []):
+                key = f"{block_path}.attentions.{a}".replace(".", "_")
+                embeddings[key] = LevelCameraEmbedding(
+                    transformer.config.in_channels, stride=input_patch * 2**level, hidden=hidden, sincos=sincos)
+                transformer.register_forward_pre_hook(partial(_add_level_camera, key=key), with_kwargs=True)
+        return embeddings
 
     def _inflate_attention(self, heads, cross_view_levels, qk_norm, input_patch):
         """Drop text cross-attention, add q/k norm, install the multi-view processor per layer.
@@ -248,10 +350,14 @@ class MultiViewUNet(MultiViewBackbone, ModelMixin, ConfigMixin):
     def _denoise(self, x_t: torch.Tensor, t: torch.Tensor, cam: torch.Tensor, state: TapState) -> torch.Tensor:
         B, V, _, H, W = x_t.shape
         p = self.config.input_patch
-        kwargs = {"mv_context": _ForwardContext(state, H, W)}
         unet = self.unet
 
         cam = rearrange(cam, "b v c h w -> (b v) c h w")  # [(B V), 7, H, W]
+        level_cameras = (
+            {key: emb(cam) for key, emb in self.level_cameras.items()}  # [(B V), C_site, h, w] each
+            if self.level_cameras is not None else None
+        )
+        kwargs = {"mv_context": _ForwardContext(state, H, W, level_cameras)}
         x = rearrange(x_t, "b v c h w -> (b v) c h w")
         if self.camera_encoder is None:
             x = torch.cat([x, cam], dim=1)  # [(B V), C + 7, H, W]
