@@ -205,6 +205,8 @@ class MultiViewUNet(MultiViewBackbone, ModelMixin, ConfigMixin):
     match in a reference (the DiT, which has rays and positions on every token, does). Adding at
     the transformer input (rather than to q/k only) puts the signal in the residual stream as the
     DiT does, costs one small MLP per site, and needs no change to the attention processor.
+    Measured on the tiny preset (input_patch 2, 32 px, 1000 steps, interpolation regime): no gain over
+    "input" (13.63 / 13.61 dB vs 13.90), so this hypothesis does not explain that model's weakness.
     """
 
     _supports_gradient_checkpointing = True
