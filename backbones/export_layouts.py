@@ -53,15 +53,25 @@ def _camera_columns(model: nn.Module) -> tuple[nn.Parameter, int] | None:
     return None
 
 
+def _camera_outputs(model: nn.Module) -> dict[str, nn.Module]:
+    """The zero-initialised last layers (like a ControlNet's) through which cameras are added:
+    mv_unet's camera encoder (add injection) and its per-attention-site embeddings (`camera_levels`)."""
+    outs = {}
+    if _backbone(model) == "mv_unet":
+        if model.camera_encoder is not None:
+            outs["camera_encoder.out"] = model.camera_encoder.out
+        for key, embedding in (model.level_cameras or {}).items():
+            outs[f"level_cameras.{key}.out"] = embedding.out
+    return outs
+
+
 def camera_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """(name, tensor) of every weight through which cameras (and the reference mask) reach the
     model; all zero means the model ignores its cameras. Views into concatenated convs are slices."""
     columns = _camera_columns(model)
-    if columns is not None:
-        weight, start = columns
-        return [("camera input channels", weight.detach()[:, start:])]
-    # add injection: the encoder's last conv is its output (zero-initialised, like a ControlNet's)
-    return [(f"camera_encoder.out.{n}", p.detach()) for n, p in model.camera_encoder.out.named_parameters()]
+    found = [] if columns is None else [("camera input channels", columns[0].detach()[:, columns[1]:])]
+    return found + [(f"{prefix}.{n}", p.detach()) for prefix, out in _camera_outputs(model).items()
+                    for n, p in out.named_parameters()]
 
 
 @torch.no_grad()
@@ -74,14 +84,14 @@ def zero_camera_path(model: nn.Module) -> None:
 def freeze_camera_path(model: nn.Module) -> None:
     """Keep the camera path where it is during training: its gradients are zeroed (a sliced conv
     by a gradient hook), so AdamW's moments and its update stay 0 there and weight decay of 0 is 0."""
+    for out in _camera_outputs(model).values():
+        out.requires_grad_(False)
     columns = _camera_columns(model)
-    if columns is None:
-        model.camera_encoder.out.requires_grad_(False)
-        return
-    weight, start = columns
-    mask = torch.ones_like(weight)
-    mask[:, start:] = 0
-    weight.register_hook(lambda grad: grad * mask.to(grad))
+    if columns is not None:
+        weight, start = columns
+        mask = torch.ones_like(weight)
+        mask[:, start:] = 0
+        weight.register_hook(lambda grad: grad * mask.to(grad))
 
 
 def check_exportable(model: nn.Module, layout: str) -> None:
@@ -177,6 +187,7 @@ def export(model: nn.Module, folder: str | Path, layout: str) -> Path:
     """Write `model` in `layout` inside `folder`: `dit.pt` or `sd_unet/`; returns what `init_from` takes."""
     folder = Path(folder)
     if layout == "dit":
-        return save_dit(model, folder / DIT_FILE)
-    check_exportable(model, layout)
-    return save_sd_unet(model, folder / SD_UNET_FOLDER)
+        return save_dit(model, folder / DIT_FILE)  # both check exportability first
+    if layout == "sd_unet":
+        return save_sd_unet(model, folder / SD_UNET_FOLDER)
+    raise ValueError(f"unknown layout {layout!r}; valid: {sorted(LAYOUTS)}")

@@ -226,3 +226,19 @@ def test_layout_names_agree_with_the_spec():
 def test_cameo_on_single_views_is_refused_in_the_spec(tmp_path):
     with pytest.raises(config.ConfigError, match="data.num_views"):
         smoke(tmp_path, "data.num_views = 1", "data.num_ref = 0", "cameo.weight = 0.5")
+
+
+def test_cameras_added_at_attention_sites_count_as_camera_path():
+    """`camera_levels` adds cameras at every attention site: a live one blocks the SD layout, and
+    zero_camera_path + freeze_camera_path (train.camera_inert) cover it."""
+    model = create_backbone("mv_unet", "micro", qk_norm=False, camera_levels="attention")
+    export_layouts.check_exportable(model, "sd_unet")  # zero-initialised: exportable as built
+    (key, first), *_ = model.level_cameras.items()
+    with torch.no_grad():
+        first.out.weight.normal_()
+    with pytest.raises(export_layouts.NotExportableError, match=f"level_cameras.{key}.out.weight"):
+        export_layouts.check_exportable(model, "sd_unet")
+    export_layouts.zero_camera_path(model)
+    export_layouts.freeze_camera_path(model)
+    export_layouts.check_exportable(model, "sd_unet")
+    assert not any(p.requires_grad for e in model.level_cameras.values() for p in e.out.parameters())
