@@ -9,7 +9,6 @@ after rank 0 wrote a checkpoint of the state before the step.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -76,14 +75,10 @@ def draw(run: Run, batch: dict, batch_no: int, positions: range) -> SampleDraws:
 
 def select_queries(cameo_loss, targets, num_ref: int, generators: list[torch.Generator]) -> torch.Tensor:  # [B, Qs]
     """Query sampling per sample, each from its own generator (world-size invariant)."""
-    def sample(b: int):  # the targets of sample b alone, B = 1
-        cost = None if targets.cost is None else targets.cost[b:b + 1]
-        return dataclasses.replace(targets, idx=targets.idx[b:b + 1], weight=targets.weight[b:b + 1],
-                                   valid=targets.valid[b:b + 1], cost=cost)
-
     if cameo_loss.query_sampling == "all":  # nothing drawn: the same ids for every sample, in one call
         return cameo_loss.select_queries(targets, num_ref)
-    return torch.cat([cameo_loss.select_queries(sample(b), num_ref, g) for b, g in enumerate(generators)])
+    return torch.cat([cameo_loss.select_queries(targets.select(slice(b, b + 1)), num_ref, g)
+                      for b, g in enumerate(generators)])
 
 
 @contextlib.contextmanager

@@ -39,10 +39,9 @@ def cache_key(source: str, options: Mapping, grid, stride: int, device) -> tuple
 
 
 def sample_part(targets: CorrespondenceTargets, b: int) -> CorrespondenceTargets:
-    """Sample b of the targets, as tensors of its own (a slice would keep the whole batch alive)."""
-    take = lambda t: None if t is None else t[b:b + 1].clone()  # noqa: E731
-    return CorrespondenceTargets(take(targets.idx), take(targets.weight), take(targets.valid), targets.grid,
-                                 take(targets.cost))
+    """Sample b of the targets, as tensors of its own: indexing by a tensor copies, where a slice
+    would keep the whole batch alive."""
+    return targets.select(torch.tensor([b], device=targets.idx.device))
 
 
 def nbytes(targets: CorrespondenceTargets) -> int:
