@@ -180,6 +180,47 @@ def test_an_oracle_denoiser_has_zero_heldout_loss_and_exact_x0_while_a_zero_mode
     assert three["eval/x0_psnr/t0500"] == zero["eval/x0_psnr/t0500"]
 
 
+class CopyReferenceModel:
+    """Predicts every view's x0 as the (clean) first reference it is given: v = (sqrt(a) x_t - x0_hat) / sqrt(1 - a)."""
+
+    def __init__(self, diffusion):
+        self.alphas = diffusion.alphas_cumprod
+
+    def __call__(self, x_t, t, **kwargs):
+        a = self.alphas[t].reshape(-1, 1, 1, 1, 1).to(x_t)
+        x0_hat = x_t[:, :1].expand_as(x_t)
+        return type("Out", (), {"sample": (a.sqrt() * x_t - x0_hat) / (1 - a).sqrt(), "tap": None})()
+
+
+def two_scene_batch():
+    """Two scenes of 2 views (1 reference): each target is its reference plus a little noise."""
+    g = torch.Generator().manual_seed(1)
+    ref = torch.rand(2, 1, 3, 8, 8, generator=g)
+    target = (ref + 0.05 * torch.randn(ref.shape, generator=g)).clamp(0, 1)
+    c2w = torch.eye(4).repeat(2, 2, 1, 1)
+    K = torch.tensor([[8.0, 0, 3.5], [0, 8.0, 3.5], [0, 0, 1]]).expand(2, 2, 3, 3).clone()
+    return {"image": torch.cat([ref, target], 1), "depth": torch.full((2, 2, 8, 8), 2.0), "intrinsics": K,
+            "cam2world": c2w, "num_ref": 1}
+
+
+def test_reference_use_is_zero_for_a_model_that_ignores_references_and_the_hand_computed_drop_for_a_copier():
+    diffusion = MultiViewDiffusion(prediction_type="v_prediction")
+    batch = two_scene_batch()
+    name = keys.REFERENCE_USE
+    assert CV.convergence_metrics(ZeroModel(), diffusion, [batch], seed=3)[name] == pytest.approx(0.0, abs=1e-5)
+
+    def psnr(a, b):  # per image, images in [0, 1]
+        return 10 * torch.log10(1 / (a.clamp(0, 1) - b).pow(2).mean((1, 2, 3)))
+
+    ref, target = batch["image"][:, 0], batch["image"][:, 1]
+    expected = float((psnr(ref, target) - psnr(ref.roll(1, 0), target)).mean())
+    out = CV.convergence_metrics(CopyReferenceModel(diffusion), diffusion, [batch], seed=3)
+    assert expected > 3 and out[name] == pytest.approx(expected, rel=1e-4)
+    # one scene per batch: nothing to borrow from, so no number rather than a wrong one
+    single = {k: (v[:1] if torch.is_tensor(v) else v) for k, v in batch.items()}
+    assert name not in CV.convergence_metrics(CopyReferenceModel(diffusion), diffusion, [single], seed=3)
+
+
 def test_heldout_loss_at_a_fixed_timestep_is_the_hand_computed_mse_of_a_zero_model():
     """A zero model's loss at t is the mean over target views of v^2, v = sqrt(a) eps - sqrt(1-a) x0,
     with eps the fixed noise of (seed, batch, t)."""

@@ -60,7 +60,7 @@ def evaluate(model, diffusion, batches: list[dict], spec: EvalSpec, *, seed: int
 
     With `floors`, also `eval/floor/*` and `eval/oracle/*` (they do not depend on the model: the
     engine asks for them once per run); with `spec.convergence_timesteps`, `eval/heldout_loss*` and
-    `eval/x0_psnr/*`. Sampling noise of batch b comes from `seed * 1_000_003 + b`, so two runs
+    `eval/x0_psnr/*` and `eval/reference_use`. Sampling noise of batch b comes from `seed * 1_000_003 + b`, so two runs
     evaluated with the same seed see the same noise. The model's train/eval mode is restored on return.
     Metrics follow `spec.conventions` (evaluation/metrics.py); one that cannot be computed (no LPIPS
     weights, no depth, no correspondence truth) is left out, never NaN, and `omitted` (if given)

@@ -25,6 +25,7 @@ COLUMNS = (
     ("PSNR", keys.PSNR, "{:.2f}"),
     ("SSIM", keys.SSIM, "{:.3f}"),
     ("LPIPS", keys.LPIPS_VGG, "{:.3f}"),
+    ("ref. use (dB)", keys.REFERENCE_USE, "{:.2f}"),
     ("PCK@1 (sup. layer)", keys.SUPERVISED_PCK1, "{:.3f}"),
     ("EPE (tok)", keys.SUPERVISED_EPE, "{:.2f}"),
     ("consistency L1", keys.CONSISTENCY, "{:.3f}"),

@@ -99,6 +99,9 @@ HELDOUT_LOSS = "eval/heldout_loss"  # mean over the fixed timesteps
 
 
 X0_PSNR = "eval/x0_psnr"  # PSNR of the target views decoded from the one-step x0 prediction
+# dB the one-step x0 PSNR at t = 3T/4 loses when each scene's references are replaced by another
+# scene's: ~0 for a model that ignores its references (it cannot synthesise a novel view)
+REFERENCE_USE = "eval/reference_use"
 
 
 def at_timestep(metric: str, t: int) -> str:
