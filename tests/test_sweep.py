@@ -161,13 +161,19 @@ def test_shipped_sweeps_expand_and_every_trial_parses(path):
                                                                 for k in t.varied) for t in baselines)
 
 
-def test_lambda_sweep_is_log_spaced_from_0005_to_05():
+def test_lambda_sweep_is_log_spaced_around_the_quickstart_weight_and_gives_each_variant_two_weights():
     spec = sweep.load(REPO / "gin" / "sweeps" / "lambda.gin")
     plain = [v for v in spec.axes["variant"] if set(v) == {"cameo.weight"}]  # the loss variants change more
     weights = sorted(v["cameo.weight"] for v in plain if v["cameo.weight"] > 0)
-    assert weights[0] == 0.005 and weights[-1] == 0.5 and len(weights) >= 4
+    assert weights[0] < 0.05 < weights[-1] and 0.05 in weights and len(weights) >= 4  # brackets the default
     ratios = [b / a for a, b in zip(weights, weights[1:])]
     assert max(ratios) / min(ratios) < 1.1  # evenly spaced in log (sqrt(10) steps, rounded)
+    variants: dict[tuple, set] = {}
+    for v in spec.axes["variant"]:
+        if set(v) != {"cameo.weight"}:
+            variants.setdefault(tuple(sorted((k, x) for k, x in v.items() if k != "cameo.weight")), set()).add(v["cameo.weight"])
+    assert variants and all(len(w) >= 2 for w in variants.values())  # compared at their own best weight
+    assert list(spec.axes)[0] == "run_experiment.seed"  # seed-major: a partial run covers every arm
 
 
 # ---------------------------------------------------------------------------------------------
