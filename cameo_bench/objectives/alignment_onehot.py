@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import torch
 
-# Largest logit block one chunk holds (fp32 elements over every block of the chunk: rows x keys):
-# 2 M (8 MB) was as fast as any larger block at the tiny presets and keeps the paper's layer-10 shape
-# within a few MB; `chunk_size` can only lower it.
-BLOCK_ELEMENTS = 1 << 21
+# Largest logit block one chunk holds (fp32 elements over every block of the chunk: rows x keys).
+# 1 M (4 MB): at the paper's layer-10 shape the loss's peak extra memory is then ~59 MB (2 M: ~70 MB,
+# 512 K: no less, the rest being the O(N H d) query and key buffers), at the same speed; the tiny
+# presets' whole loss fits in one chunk either way. `chunk_size` can only lower it.
+BLOCK_ELEMENTS = 1 << 20
 
 
 def run_onehot(qx, kx, idx, t, w, group, *, chunk: int, want_q: bool, want_k: bool, want_params: bool,
@@ -59,29 +60,41 @@ def run_onehot(qx, kx, idx, t, w, group, *, chunk: int, want_q: bool, want_k: bo
     w_p = pick((w * t[..., 0]).transpose(1, 2)).gather(-1, order).masked_fill_(pad, 0.0)  # [B, Vk, W]
     t_p = pick(idx[..., 0].transpose(1, 2)).gather(-1, order)  # [B, Vk, W] target token in the block
     g_p = group[:, None, :].expand(B, Vk, Qs).gather(-1, order)  # [B, Vk, W]
-    rows = (order + torch.arange(B, device=kx.device)[:, None, None] * Qs).flatten()  # rows of (b, query)
+    rows = order + torch.arange(B, device=kx.device)[:, None, None] * Qs  # [B, Vk, W] rows of (b, query)
 
     R = B * Vk * Hx  # logit blocks: (sample, key view, map)
-    if Hx == 1:
-        Q = qx.reshape(B * Qs, D).index_select(0, rows).view(R, width, D)
-        K = kx.view(B, V, hw, D)
-        K = (K if every_view else K[:, used]).reshape(R, hw, D)
-    else:  # [B, Vk, Hx, W, D] and [B, Vk, Hx, hw, D]
-        Q = qx.transpose(1, 2).reshape(B * Qs, Hx, D).index_select(0, rows).view(B, Vk, width, Hx, D)
-        Q = Q.transpose(2, 3).reshape(R, width, D)
-        K = kx.view(B, Hx, V, hw, D).transpose(1, 2)
-        K = (K if every_view else K[:, used]).reshape(R, hw, D)
+    q_rows = qx.reshape(B * Qs, D) if Hx == 1 else qx.transpose(1, 2).reshape(B * Qs, Hx, D)
+    K = kx.view(B, V, hw, D) if Hx == 1 else kx.view(B, Hx, V, hw, D).transpose(1, 2)  # [B, V, (Hx,) hw, D]
+    K = (K if every_view else K[:, used]).reshape(R, hw, D)
+
+    def block_queries(r: torch.Tensor) -> torch.Tensor:  # rows [B, Vk, c] -> their queries [R, c, D]
+        c = r.shape[-1]
+        picked = q_rows.index_select(0, r.flatten())  # [(B Vk c), (Hx,) D]
+        if Hx == 1:
+            return picked.view(R, c, D)
+        return picked.view(B, Vk, c, Hx, D).transpose(2, 3).reshape(R, c, D)
+
+    def add_query_grads(r: torch.Tensor, g: torch.Tensor) -> None:  # g [R, c, D] into grad_rows
+        c = r.shape[-1]
+        if Hx > 1:
+            g = g.view(B, Vk, Hx, c, D).transpose(2, 3).reshape(-1, Hx, D)
+        grad_rows.index_add_(0, r.flatten(), g.reshape(-1, *grad_rows.shape[1:]))
+
     # per map: the (b, j) block's weights, targets, groups
     expand = (lambda x: x.view(B * Vk, 1, width).expand(B * Vk, Hx, width).reshape(R, width)) if Hx > 1 else (
         lambda x: x.view(R, width))  # noqa: E731
     w_r, t_r, g_r = expand(w_p), expand(t_p), expand(g_p)
 
+    # Queries are gathered, and their gradients scattered back, one chunk at a time: a query sits in
+    # up to V - 1 key blocks, so gathering every block's rows at once would hold (V - 1) copies of q.
     c = max(1, min(chunk, BLOCK_ELEMENTS // (R * hw), width))
-    grad_Q, grad_K = [], None
+    grad_rows = q_rows.new_zeros(q_rows.shape) if want_q else None  # [(B Qs), (Hx,) D]
+    grad_K = None
     correct = losses.new_zeros(())
     for s in range(0, width, c):
         e = min(s + c, width)
-        Q_c, t_c, w_c = Q[:, s:e], t_r[:, s:e, None], w_r[:, s:e, None]  # [R, c, D], [R, c, 1], [R, c, 1]
+        r_c = rows[..., s:e]  # [B, Vk, c]
+        Q_c, t_c, w_c = block_queries(r_c), t_r[:, s:e, None], w_r[:, s:e, None]  # [R, c, D], [R, c, 1], [R, c, 1]
         S = torch.bmm(Q_c, K.transpose(1, 2))  # [R, c, hw] the chunk's fused logits
         m = S.amax(-1, keepdim=True)  # [R, c, 1]
         z_t = S.gather(-1, t_c)  # [R, c, 1] target logits
@@ -93,21 +106,16 @@ def run_onehot(qx, kx, idx, t, w, group, *, chunk: int, want_q: bool, want_k: bo
         if not (want_q or want_k):
             continue
         dS = P.mul_(w_c / total).scatter_add_(-1, t_c, -w_c)  # w (p - e_t) [R, c, hw]
-        if want_q:
-            grad_Q.append(torch.bmm(dS, K))  # [R, c, D]
+        if want_q:  # padding rows carry zeros (weight 0)
+            add_query_grads(r_c, torch.bmm(dS, K))  # [R, c, D]
         if want_k:  # [R, hw, D]
             grad_K = torch.bmm(dS.transpose(1, 2), Q_c) if grad_K is None else grad_K.baddbmm_(dS.transpose(1, 2), Q_c)
     scored = (~pad).sum().to(losses.dtype)
     correct = correct.to(losses.dtype) / Hx
 
     grad_qx = grad_kx = None
-    if want_q:  # back to the query rows (padding rows carry zeros)
-        grad_Q = grad_Q[0] if len(grad_Q) == 1 else torch.cat(grad_Q, 1)  # [R, W, D]
-        if Hx == 1:
-            grad_qx = qx.new_zeros(B * Qs, D).index_add_(0, rows, grad_Q.view(-1, D)).view(B, 1, Qs, D)
-        else:
-            parts = grad_Q.view(B, Vk, Hx, width, D).transpose(2, 3).reshape(-1, Hx, D)
-            grad_qx = qx.new_zeros(B * Qs, Hx, D).index_add_(0, rows, parts).view(B, Qs, Hx, D).transpose(1, 2)
+    if want_q:
+        grad_qx = grad_rows.view(B, 1, Qs, D) if Hx == 1 else grad_rows.view(B, Qs, Hx, D).transpose(1, 2)
     if want_k:
         blocks = grad_K.view(B, Vk, Hx, hw, D)
         if not every_view:
