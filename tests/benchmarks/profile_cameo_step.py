@@ -29,12 +29,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-BACKBONES = {
-    "dit": ["backbone.name = 'mv_dit'", "backbone.preset = 'tiny'", "backbone.overrides = {'patch_size': 4}",
-            "cameo.layer = 'depth:0.5'"],
-    "unet": ["backbone.name = 'mv_unet'", "backbone.preset = 'tiny'", "backbone.overrides = {}",
-             "cameo.layer = 'up.01.attn.00'"],
-}
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+import quickstart_arms  # noqa: E402
+
+BACKBONES = quickstart_arms.quickstart_backbones()  # gin/sweeps/quickstart.gin's backbone axis
 
 
 def main(argv=None) -> dict:
