@@ -55,11 +55,12 @@ def multiview_attention(
         # result is discarded: non-reentrant checkpointing needs the recomputation to save the
         # same tensors as the forward (the gather's index), or the tap's backward fails.
         req = state.request
-        if req.query_idx is None:
+        if req.query_idx is None:  # every token: q itself (no gather, and no scatter in the backward)
             query_idx = torch.arange(N, device=q.device).expand(B, N)
+            q_sel = q  # [B, H, N, d]
         else:
             query_idx = req.query_idx.to(q.device)
-        q_sel = torch.gather(q, 2, query_idx[:, None, :, None].expand(B, H, -1, d))  # [B,H,Qs,d]
+            q_sel = torch.gather(q, 2, query_idx[:, None, :, None].expand(B, H, -1, d))  # [B,H,Qs,d]
         if state.result is None:  # write-once: checkpoint recomputation must not overwrite
             features = rearrange(out, "b H n d -> b n (H d)") if req.want_features else None
             state.result = TapResult(

@@ -73,10 +73,14 @@ def draw(run: Run, batch: dict, batch_no: int, positions: range) -> SampleDraws:
     return SampleDraws(generators, t.to(run.device), drop.to(run.device), noise.to(run.device))
 
 
-def select_queries(cameo_loss, targets, num_ref: int, generators: list[torch.Generator]) -> torch.Tensor:  # [B, Qs]
-    """Query sampling per sample, each from its own generator (world-size invariant)."""
+def select_queries(cameo_loss, targets, num_ref: int, generators: list[torch.Generator]) -> torch.Tensor | None:
+    """Query ids [B, Qs] for the tap, sampled per sample, each from its own generator (world-size
+    invariant); None when every token of every view is a query, so the tap hands out q as it is
+    instead of gathering a copy of it (and scattering its gradient back)."""
     if cameo_loss.query_sampling == "all":  # nothing drawn: the same ids for every sample, in one call
-        return cameo_loss.select_queries(targets, num_ref)
+        ids = cameo_loss.select_queries(targets, num_ref)
+        num_views, h, w = targets.grid
+        return None if ids.shape[1] == num_views * h * w else ids  # views are distinct: all of them
     return torch.cat([cameo_loss.select_queries(targets.select(slice(b, b + 1)), num_ref, g)
                       for b, g in enumerate(generators)])
 
