@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from backbones.interface import TapResult
-from cameo_bench.objectives import alignment_sparse
+from cameo_bench.objectives import alignment, alignment_sparse
 from cameo_bench.objectives.alignment import CameoLoss
 from cameo_bench.correspondence.targets import CorrespondenceTargets
 
@@ -177,14 +177,18 @@ def run_both(problem, opts, qpv=None, chunk_size=16, backward="fused", cost=None
     return got, diag, want, [q_full, k_all, *params.values()], Fz
 
 
-# every combination on both implementations
-IMPL_GRID = [(*opts, impl) for opts in OPTION_GRID for impl in ("sparse", "dense")]
+# every combination on both implementations; "sparse_pairs" is the sparse path with the one-hot rows
+# of `alignment_onehot` switched off, as on problems above `ONEHOT_MAX_LOGITS`
+IMPL_GRID = [(*opts, impl) for opts in OPTION_GRID for impl in ("sparse", "sparse_pairs", "dense")]
 
 
 @pytest.mark.parametrize("head,normalization,target,loss,impl", IMPL_GRID)
-def test_matches_naive_full_map(problem, head, normalization, target, loss, impl):
+def test_matches_naive_full_map(problem, head, normalization, target, loss, impl, monkeypatch):
     """Every option combination: the value always; gradients for q, k and every head parameter
     on the paper's views (both query groups, all other key views, all queries)."""
+    if impl == "sparse_pairs":
+        monkeypatch.setattr(alignment, "ONEHOT_MAX_LOGITS", -1)
+        impl = "sparse"
     Fz = None
     default = ("both", "all_but_self", None)
     for query_views, key_views, qpv in [default] + [v for v in VIEW_GRID if v != default]:
@@ -280,6 +284,21 @@ def test_the_path_is_chosen_automatically(problem, monkeypatch):
         calls.clear()
         run_both(problem, dict(DEFAULT, head=head, impl="dense"))
         assert not calls, head
+
+
+def test_one_hot_rows_score_small_problems_and_the_per_pair_path_large_ones(problem, monkeypatch):
+    """The quickstart's options go to `run_onehot` up to ONEHOT_MAX_LOGITS triples, to `run_pairs`
+    above it (same numbers: test_matches_naive_full_map runs both)."""
+    used = []
+    for name in ("run_onehot", "run_pairs"):
+        real = getattr(alignment, name)
+        monkeypatch.setattr(alignment, name, lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k))
+    opts = dict(DEFAULT, head="mean")
+    run_both(problem, opts)
+    monkeypatch.setattr(alignment, "ONEHOT_MAX_LOGITS", 0)
+    run_both(problem, opts)
+    run_both(problem, dict(opts, loss="l1"))  # not a one-hot CE: the per-pair path at any size
+    assert used == ["run_onehot", "run_pairs", "run_pairs"]
 
 
 @pytest.mark.parametrize("impl", ["sparse", "dense"])
