@@ -1,7 +1,7 @@
 """Where a CAMEO training step's extra time goes: targets, query selection, the loss's planning, the loss itself, the backward.
 
 A script, not a test (reports/benchmarks/README.md, "Where the time goes"). It builds the
-quickstart configuration (gin/experiments/quickstart.gin at batch 4 (the size issue 14's bar was set at):
+quickstart configuration (gin/experiments/quickstart.gin at its batch 8, or `--batch 4`, the size issue 14's bar was set at:
 3 views, 32 px, mean head, every query) for one backbone twice, baseline and CAMEO, steps them in
 turn, and times the CAMEO step's parts in CPU seconds (one thread; medians over the rounds):
 
@@ -40,6 +40,7 @@ def main(argv=None) -> dict:
     parser.add_argument("backbone", choices=sorted(BACKBONES))
     parser.add_argument("--impl", default="auto", help="cameo.impl of the CAMEO arm")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=8, help="data.batch_size (the quickstart's: 8)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -70,7 +71,7 @@ def main(argv=None) -> dict:
 
     def make(weight: float):
         exp = config.parse(["gin/experiments/quickstart.gin"], BACKBONES[args.backbone] + [
-            "data.batch_size = 4", "data.num_scenes = 16", "train.progress = False", "train.checkpoint_every = 0",
+            f"data.batch_size = {args.batch}", "data.num_scenes = 16", "train.progress = False", "train.checkpoint_every = 0",
             "eval.every = 0", "eval.at_start = False", f"cameo.weight = {weight}", f"cameo.impl = '{args.impl}'",
             f"run_experiment.output_dir = '{tempfile.mkdtemp()}'"])
         return build.build_run(exp)

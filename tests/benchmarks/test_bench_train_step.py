@@ -6,8 +6,9 @@ after round (interleaved), so they see the same machine load; times are the step
 (`time.process_time`, one thread: other processes inflate it far less than wall time) and the
 ratios are of medians over the rounds. Everything lands in `extra_info` of the benchmark JSON.
 
-- `test_default_config_step`: the quickstart configuration (gin/experiments/quickstart.gin with
-  batch 4 (the size issue 14's bar was set at): 3 views, 32 px, mean head, every query, depth targets) for
+- `test_default_config_step`: the quickstart configuration (gin/experiments/quickstart.gin: 3 views,
+  32 px, mean head, every query, depth targets) at its own batch 8 and at batch 4 (the size issue 14's
+  bar was set at, when the quickstart trained at batch 4) for
   the backbones of gin/sweeps/quickstart.gin (`mv_dit` tiny, patch 4, `depth:0.5`; `mv_unet` tiny,
   input_patch 2, `up.01.attn.00`): baseline, the default
   loss (`cameo.impl = 'auto'`, the sparse path) and the pre-issue-14 loss (`'dense'`). Bar: CAMEO /
@@ -60,14 +61,14 @@ SMOKE_QUICKSTART = {  # the same files at micro size for the default suite
 }
 
 
-def quickstart_run(backbone: str, workdir: pathlib.Path, bindings: list[str], measuring: bool):
-    """The quickstart experiment (batch 4, only 4 scenes: every step reuses the cached batch)."""
+def quickstart_run(backbone: str, workdir: pathlib.Path, bindings: list[str], measuring: bool, batch: int = 4):
+    """The quickstart experiment at `batch` (only one batch of scenes: every step reuses the cached batch)."""
     from cameo_bench import config
     from cameo_bench.engine.build import build_run
 
     base = QUICKSTART[backbone] if measuring else SMOKE_QUICKSTART[backbone]
     exp = config.parse(["gin/experiments/quickstart.gin"], base + [
-        "data.batch_size = 4" if measuring else "data.batch_size = 1", "data.num_scenes = 4", "data.num_eval_scenes = 1",
+        f"data.batch_size = {batch if measuring else 1}", f"data.num_scenes = {batch}", "data.num_eval_scenes = 1",
         "train.progress = False", "train.checkpoint_every = 0", "eval.every = 0", "eval.at_start = False",
         f"run_experiment.output_dir = '{workdir}'", *bindings])
     return build_run(exp)
@@ -116,17 +117,20 @@ def check_arms_differ_by_the_loss(metrics: dict) -> None:
 
 
 @pytest.mark.benchmark(timer=time.process_time)
+@pytest.mark.parametrize("batch", [8, 4])
 @pytest.mark.parametrize("backbone", ["dit", "unet"])
-def test_default_config_step(benchmark, measuring, tmp_path, backbone):
+def test_default_config_step(benchmark, measuring, tmp_path, backbone, batch):
     """The quickstart configuration: baseline, default loss (sparse) and the dense loss, interleaved."""
-    arms = {name: quickstart_run(backbone, tmp_path / name, bindings, measuring) for name, bindings in (
+    if batch != 8 and not measuring:
+        pytest.skip("the smoke run covers one batch size")
+    arms = {name: quickstart_run(backbone, tmp_path / name, bindings, measuring, batch) for name, bindings in (
         ("baseline", ["cameo.weight = 0.0"]), ("cameo", []),  # the quickstart's own weight
         ("cameo_dense", ["cameo.impl = 'dense'"]))}
     assert arms["cameo"].cameo_loss.path == "sparse" and arms["cameo_dense"].cameo_loss.path == "dense"
     seconds, metrics = interleaved(arms, ROUNDS if measuring else 1, WARMUP if measuring else 0)
     check_arms_differ_by_the_loss(metrics)
     loss = arms["cameo"].cameo_loss
-    info = dict(config="gin/experiments/quickstart.gin at batch 4", backbone=backbone,
+    info = dict(config=f"gin/experiments/quickstart.gin at batch {batch}", batch=batch, backbone=backbone,
                 layer=arms["cameo"].layer, heads=loss.num_heads, head=loss.head_mode, queries="all",
                 threads=1, timer="process_time", rounds=len(seconds["baseline"]), **summarise(seconds))
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)  # the numbers are the interleaved rounds'
