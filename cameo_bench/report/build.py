@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cameo_bench.report import floors, plots, xaxis
+from cameo_bench.report import architectures, floors, plots, xaxis
 from cameo_bench.report.curves import DEFAULT_FRACTIONS, Comparison, compare
 from cameo_bench.report.runs import SUPERVISED, Grouping, Variant, group_runs, seed_of
 from cameo_bench.tracking import RunRecord, keys
@@ -405,6 +405,7 @@ def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experime
         lines, path = _convergence_section(backbones, metric, out, draw, x)
         md += [f"### {metric}", ""] + lines
         report.files += [path] if path else []
+    md += architectures.section(backbones, PRIMARY)
     md += _speedup_section(report, backbones, present, fractions, out, draw)
     md += _auc_section(report)
     md += _sweep_section(report, backbones, present, fractions)

@@ -30,9 +30,11 @@ def _check(x: str) -> None:
 
 
 def metric_prefixes(x: str) -> tuple[str, ...]:
-    """Metric prefixes a report must load besides the evaluation's to draw against `x`."""
+    """Metric prefixes a report must load besides the evaluation's to draw against `x`. The compute
+    record (`compute/*`: FLOPs per step, parameters; one value each) is always loaded: the section
+    comparing architectures at equal compute needs it whatever the curves are drawn against."""
     _check(x)
-    return {"steps": (), "flops": (keys.COMPUTE,), "seconds": (keys.TRAIN_SECONDS,)}[x]
+    return {"steps": (keys.COMPUTE,), "flops": (keys.COMPUTE,), "seconds": (keys.COMPUTE, keys.TRAIN_SECONDS)}[x]
 
 
 def _flops(run, curve: Curve) -> Curve:
