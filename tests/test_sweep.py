@@ -260,3 +260,56 @@ def test_submitit_local_backend_runs_a_trial(in_tmp, store):
     runs = _children("submitit_local", store)
     assert [r["status"] for r in runs.values()] == ["FINISHED"] and runs[p.trials[0].id]["tags"]["variant"] == "baseline"
     assert list((in_tmp / "runs" / "submitit_local" / "submitit").glob("*_log.out"))  # it went through submitit
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_sweep_stops_its_workers_and_marks_every_trial_killed(in_tmp, store):
+    """`kill <sweep pid>` (what a scheduler or a user sends) must not leave the workers training on as
+    orphans: the parent passes SIGTERM on, each running trial ends KILLED with its checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = write_sweep(in_tmp, "sigterm", {"run_experiment.seed": [0, 1]},
+                       fixed=["eval.every = 0", "train.steps = 100000", "train.checkpoint_every = 2"])
+    trials = [t.id for t in sweep.plan(sweep.load(path)).trials]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
+    log = (in_tmp / "sweep.log").open("w")  # a file, not a pipe: nobody reads a pipe until the end
+    parent = subprocess.Popen([sys.executable, "-m", "cameo_bench", "sweep", str(path), "--workers", "2"],
+                              cwd=in_tmp, env=env, start_new_session=True,  # its own group: workers included
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        checkpoints = [in_tmp / "runs" / "sigterm" / t / "checkpoints" / "latest.pt" for t in trials]
+        deadline = time.monotonic() + 120
+        while not all(c.exists() for c in checkpoints):  # both workers are past their first steps
+            assert parent.poll() is None and time.monotonic() < deadline, (in_tmp / "sweep.log").read_text()[-3000:]
+            time.sleep(0.5)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=120) != 0
+        for _ in range(300):  # the workers exit with (or just after) the parent
+            try:
+                os.killpg(parent.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+        else:
+            left = [pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200]
+                    for pid in os.listdir("/proc") if pid.isdigit() and _group_of(pid) == parent.pid]
+            os.killpg(parent.pid, signal.SIGKILL)
+            raise AssertionError(f"processes outlived the SIGTERM'd sweep by 60 s: {left}")
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+        log.close()
+    runs = _children("sigterm", store)
+    assert {k: r["status"] for k, r in runs.items()} == {t: "KILLED" for t in trials}
+    assert tracking.find_runs("sigterm", {"sweep.role": "parent"}, store)[0]["status"] == "KILLED"
+
+
+def _group_of(pid: str) -> int | None:
+    try:  # field 5 of /proc/PID/stat, after the parenthesised command name
+        return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return None

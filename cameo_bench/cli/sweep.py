@@ -43,7 +43,10 @@ def run(args: argparse.Namespace) -> int:
         print("error: --workers must be >= 0", file=sys.stderr)
         return 2
     slurm = {"cluster": args.cluster} if args.cluster else None
-    results = sweep.run(plan, executor=args.executor, workers=args.workers, uri=args.tracking_uri, slurm=slurm)
+    from cameo_bench.engine.signals import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # `kill` of the sweep stops its trials too, each KILLED and resumable
+        results = sweep.run(plan, executor=args.executor, workers=args.workers, uri=args.tracking_uri, slurm=slurm)
     if args.summary:
         from cameo_bench.report.summary import summary_table
 

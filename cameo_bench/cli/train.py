@@ -40,7 +40,7 @@ def tracking_options(args: argparse.Namespace, exp) -> tuple[bool, str, str | No
 
 def run(args: argparse.Namespace) -> int:
     from cameo_bench.engine import distributed
-    from cameo_bench.engine.tracked_run import sigterm_as_interrupt
+    from cameo_bench.engine.signals import sigterm_as_interrupt
 
     with sigterm_as_interrupt():
         code = _run(args)
@@ -53,7 +53,8 @@ def _run(args: argparse.Namespace) -> int:
     from cameo_bench import config
     from cameo_bench.engine.build import ExperimentError
     from cameo_bench.engine.step import NonFiniteLossError
-    from cameo_bench.engine.tracked_run import MlflowRun, Note, Terminated, TrackedRun
+    from cameo_bench.engine.signals import Terminated
+    from cameo_bench.engine.tracked_run import MlflowRun, Note, TrackedRun
     from cameo_bench.tracking import keys
 
     try:

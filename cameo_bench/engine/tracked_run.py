@@ -1,6 +1,6 @@
 """One tracked training process, the same for `cameo-bench train` and a sweep trial: MLflow run, records, build + fit.
 
-What it adds around `build_run` + `fit`: SIGTERM as an interrupt, the MLflow run (search tags,
+What it adds around `build_run` + `fit`: the MLflow run (search tags,
 raw and operative gin config, environment, checkpoint path, the resolved and all attention
 layers), the run folder's config and command files, and a failure record (traceback artifact,
 FAILED/KILLED status) whenever the run ends early, in building or in training. Kept out of the
@@ -8,11 +8,8 @@ CLI so that the sweep executors do not import a command module.
 """
 from __future__ import annotations
 
-import contextlib
 import pathlib
-import signal
 import sys
-import threading
 import traceback
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -23,30 +20,6 @@ from cameo_bench.engine.checkpoint import latest_path
 from cameo_bench.engine.loop import fit, open_log
 from cameo_bench.tracking import keys
 from cameo_bench.tracking.labels import label_tags, run_label
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (Slurm's time limit, a scheduler's preemption) as an interrupt, so the run is
-    flushed and marked KILLED instead of vanishing while RUNNING."""
-
-
-def on_sigterm(signum, frame):
-    raise Terminated(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Turn SIGTERM into `Terminated` while the block runs, if this thread may install handlers and
-    nobody else did; the default is put back afterwards (an in-process sweep trial runs many)."""
-    installed = (threading.current_thread() is threading.main_thread()
-                 and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
-    if installed:
-        signal.signal(signal.SIGTERM, on_sigterm)
-    try:
-        yield
-    finally:
-        if installed:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def run_tags(exp: Experiment, world_size: int, layer: str | None = None) -> dict[str, str]:

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Iterator
 
+from cameo_bench.engine.signals import Terminated, sigterm_as_interrupt, sigterm_received
 from cameo_bench.sweep.results import TrialResult
 
 
@@ -32,15 +33,13 @@ def run_trial(payload: dict[str, Any]) -> TrialResult:
         import torch
 
         torch.set_num_threads(payload["threads"])
-    from cameo_bench.engine.tracked_run import sigterm_as_interrupt
-
     with sigterm_as_interrupt():  # a killed worker's run ends KILLED, not RUNNING forever
         return _run_trial(payload, start)
 
 
 def _run_trial(payload: dict, start: float) -> TrialResult:
     from cameo_bench import config
-    from cameo_bench.engine.tracked_run import MlflowRun, Note, Terminated, TrackedRun
+    from cameo_bench.engine.tracked_run import MlflowRun, Note, TrackedRun
     from cameo_bench.tracking import keys
 
     tracked = None
@@ -124,8 +123,18 @@ def run_local(payloads: list[dict[str, Any]], workers: int, gpus: list[int] | No
                 yield future.result()
             except Exception as err:  # noqa: BLE001 - e.g. BrokenProcessPool when a worker is killed
                 yield TrialResult(futures[future]["trial"], "FAILED", f"worker died: {type(err).__name__}: {err}")
-    finally:  # on Ctrl-C: queued trials never start; running ones got the SIGINT too and end KILLED
+    finally:  # queued trials never start; running ones end KILLED (Ctrl-C reaches them from the terminal)
+        if sigterm_received():  # the sweep was sent SIGTERM (a plain `kill`), its workers were not: pass it on
+            _terminate_workers(pool)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _terminate_workers(pool: ProcessPoolExecutor) -> None:
+    """SIGTERM to each live worker: its trial ends KILLED, flushed, resumable from its checkpoint.
+    Without it a killed sweep leaves its workers training on as orphans (seen in a study run)."""
+    for process in list((pool._processes or {}).values()):  # the pool has no public handle on them
+        if process.is_alive():
+            process.terminate()
 
 
 # ---------------------------------------------------------------------------------------------
