@@ -69,23 +69,35 @@ def _run_trial(payload: dict, start: float) -> TrialResult:
 def ensure_failed_in_store(result: TrialResult, payload: dict[str, Any]) -> None:
     """Make the MLflow record of a failed trial say FAILED, also when its worker died before it
     could (a crash, an out-of-memory kill, a Slurm timeout)."""
+    result.run_id = _end_in_store(payload, "FAILED", result.error or "failed", create=True) or result.run_id
+
+
+def ensure_ended_in_store(payload: dict[str, Any], status: str, error: str) -> None:
+    """End the trial's MLflow run with `status` if it is still open: the sweep was interrupted and
+    this trial's result never came back (its worker may have been stopped before it could record
+    it, or lost the race for the sqlite store). A trial that never started gets no run."""
+    _end_in_store(payload, status, error, create=False)
+
+
+def _end_in_store(payload: dict[str, Any], status: str, error: str, create: bool) -> str | None:
     from cameo_bench import tracking
     from cameo_bench.tracking import keys
 
-    uri, error = payload["tracking_uri"], result.error or "failed"
-    trial_tags = {keys.SWEEP_NAME: payload["sweep"], keys.SWEEP_TRIAL: result.trial}
+    uri = payload["tracking_uri"]
+    trial_tags = {keys.SWEEP_NAME: payload["sweep"], keys.SWEEP_TRIAL: payload["trial"]}
     try:
         runs = tracking.find_runs(payload["experiment"], trial_tags, uri)
-        if not runs:
-            result.run_id = tracking.create_failed_run(
+        if not runs and create:
+            return tracking.create_failed_run(
                 payload["experiment"], payload["label"],
                 {**trial_tags, keys.SWEEP_LABEL: payload["label"],
                  keys.VARIANT: "baseline" if payload["baseline"] else "cameo"},
                 error, payload["parent_run_id"], uri)
-        elif runs[0]["status"] not in tracking.TERMINAL_STATUSES:
-            tracking.end_run(runs[0]["run_id"], "FAILED", error, uri)
+        if runs and runs[0]["status"] not in tracking.TERMINAL_STATUSES:
+            tracking.end_run(runs[0]["run_id"], status, error, uri)
     except Exception as err:  # noqa: BLE001 - the sweep still reports the failure on the console
-        print(f"warning: could not mark trial {result.trial} FAILED in MLflow: {err}", file=sys.stderr)
+        print(f"warning: could not mark trial {payload['trial']} {status} in MLflow: {err}", file=sys.stderr)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,8 +72,11 @@ def run(p: Plan, *, executor: str | None = None, workers: int | None = None, uri
             echo(f"[{done}/{len(todo)}] {result.trial} {result.status:<8} {result.seconds:6.1f}s  "
                  f"{payloads[result.trial]['label']}" + (f"\n    {result.error}" if result.error else ""))
     except BaseException as err:
-        tracking.end_run(parent, "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED",
-                         f"{type(err).__name__}: {err}", uri)
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        for trial_id, item in payloads.items():  # the local pool has stopped every worker by now (Slurm jobs run on)
+            if executor == "local" and trial_id not in results:
+                sweep_executors.ensure_ended_in_store(item, status, f"sweep interrupted: {type(err).__name__}: {err}")
+        tracking.end_run(parent, status, f"{type(err).__name__}: {err}", uri)
         raise
     ordered = [results.get(t.id) or TrialResult(t.id, "FAILED", "no result came back") for t in p.trials]
     failed = [r for r in ordered if r.status not in ("FINISHED", "SKIPPED")]
