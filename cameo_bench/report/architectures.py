@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from cameo_bench.report import xaxis
+from cameo_bench.report.floors import final_value
+from cameo_bench.report.markdown import mean_std, table
 from cameo_bench.report.runs import Variant
-from cameo_bench.report.xaxis import TFLOP
 from cameo_bench.tracking import RunRecord, keys
 
 HEADING = "## Architectures at equal steps and at equal training compute"
@@ -47,21 +49,13 @@ def match_arms(backbones: dict[str, list[Variant]]) -> tuple[list[dict[str, Vari
     return [{b: found[k][0] for b, found in zip(backbones, by_key)} for k in common], ambiguous
 
 
-def _last(run: RunRecord, key: str) -> float | None:
-    history = run.metrics.get(key)
-    return float(history[-1][1]) if history else None
-
-
 def value_at(curve: list[tuple[float, float]], x: float) -> float | None:
     """The curve interpolated linearly at `x`; None outside its evaluations (never extrapolate)."""
     xs, ys = np.asarray([p[0] for p in curve], float), np.asarray([p[1] for p in curve], float)  # [T], [T]
     return float(np.interp(x, xs, ys)) if curve and xs[0] <= x <= xs[-1] else None
 
 
-def in_flops(run: RunRecord, curve: list[tuple[int, float]]) -> list[tuple[float, float]]:
-    """The step curve against training FLOPs: step x the run's logged FLOPs per step."""
-    per_step = _last(run, keys.TRAIN_FLOPS_PER_STEP)
-    return [(step * per_step, value) for step, value in curve]
+in_tflop = xaxis.rescaler("flops")  # (run, step curve) -> the curve against training TFLOP
 
 
 def common_step(runs: list[RunRecord], metric: str) -> int | None:
@@ -71,14 +65,13 @@ def common_step(runs: list[RunRecord], metric: str) -> int | None:
 
 
 def flop_budget(runs: list[RunRecord], metric: str) -> float:
-    """The largest training-FLOP budget every run reached at an evaluation of `metric` (FLOPs)."""
-    return min(in_flops(r, r.metrics[metric])[-1][0] for r in runs)
+    """The largest training-FLOP budget every run reached at an evaluation of `metric` (TFLOP)."""
+    return min(in_tflop(r, r.metrics[metric])[-1][0] for r in runs)
 
 
-def _mean_std(values: list[float | None]) -> str:
-    if not values or any(x is None for x in values):
-        return "—"
-    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
+def _seeds_cell(values: list[float | None]) -> str:
+    """A seed whose curve does not cover the point (None) makes the cell —, never a smaller sample."""
+    return "—" if any(x is None for x in values) else mean_std(values)
 
 
 def _scaled(values: list[float | None], unit: float, digits: int) -> str:
@@ -88,10 +81,10 @@ def _scaled(values: list[float | None], unit: float, digits: int) -> str:
 
 def _row(arm: str, backbone: str, v: Variant, metric: str, step: int | None, budget: float | None) -> list[str]:
     mine = [r for r in v.runs if r.metrics.get(metric)]
-    row = [arm, backbone, _scaled([_last(r, keys.PARAM_COUNT) for r in v.runs], 1e6, 2),
-           _scaled([_last(r, keys.TRAIN_FLOPS_PER_STEP) for r in v.runs], 1e9, 2),
-           _mean_std([value_at(r.metrics[metric], step) if step is not None else None for r in mine])]
-    return row + ([_mean_std([value_at(in_flops(r, r.metrics[metric]), budget) for r in mine])] if budget is not None else [])
+    row = [arm, backbone, _scaled([final_value(r.metrics, keys.PARAM_COUNT) for r in v.runs], 1e6, 2),
+           _scaled([final_value(r.metrics, keys.TRAIN_FLOPS_PER_STEP) for r in v.runs], 1e9, 2),
+           _seeds_cell([value_at(r.metrics[metric], step) if step is not None else None for r in mine])]
+    return row + ([_seeds_cell([value_at(in_tflop(r, r.metrics[metric]), budget) for r in mine])] if budget is not None else [])
 
 
 def section(backbones: dict[str, list[Variant]], metric: str = keys.PSNR) -> list[str]:
@@ -107,7 +100,7 @@ def section(backbones: dict[str, list[Variant]], metric: str = keys.PSNR) -> lis
     if not runs:
         return md + ["", f"No arm ran on every backbone with `{metric}` logged.", ""]
     step = common_step(runs, metric)
-    unpriced = [r for r in runs if _last(r, keys.TRAIN_FLOPS_PER_STEP) is None]
+    unpriced = [r for r in runs if final_value(r.metrics, keys.TRAIN_FLOPS_PER_STEP) is None]
     budget = None if unpriced else flop_budget(runs, metric)
     md += [f"Equal steps: step {step} (the last evaluation every matched run made)." if step is not None else
            "Equal steps: the matched runs share no evaluation step."]
@@ -115,14 +108,13 @@ def section(backbones: dict[str, list[Variant]], metric: str = keys.PSNR) -> lis
         md += [f"Equal training compute left out: {len(unpriced)} of {len(runs)} runs logged no "
                f"`{keys.TRAIN_FLOPS_PER_STEP}` (trained before FLOPs were counted, or the metric was not loaded)."]
     else:
-        md += [f"Equal training compute: {budget / TFLOP:.4g} TFLOP (the largest budget every matched run reached; "
+        md += [f"Equal training compute: {budget:.4g} TFLOP (the largest budget every matched run reached; "
                "each seed's curve interpolated linearly in step x FLOPs per step)."]
     header = ["arm", "backbone", "params (M)", "GFLOP / step", f"{metric} @ step {step if step is not None else '—'}"]
-    header += [f"{metric} @ {budget / TFLOP:.4g} TFLOP"] if budget is not None else []
+    header += [f"{metric} @ {budget:.4g} TFLOP"] if budget is not None else []
     rows = [_row(" / ".join(dict.fromkeys(v.label for v in arm.values())), backbone, v, metric, step, budget)
             for arm in arms for backbone, v in arm.items()]
-    md += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    md += [""] + table(header, rows) + [""]
     md += ["CAMEO's speed-up over its baseline on each backbone is in the speed-up section below, in the report's "
            "x unit (a report built with `--x flops` gives it in training FLOPs, CAMEO's extra cost included).", ""]
     return md

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cameo_bench.report import architectures, floors, plots, xaxis
+from cameo_bench.report.markdown import mean_std as _mean_std, table as _table
 from cameo_bench.report.curves import DEFAULT_FRACTIONS, Comparison, compare
 from cameo_bench.report.runs import SUPERVISED, Grouping, Variant, group_runs, seed_of
 from cameo_bench.tracking import RunRecord, keys
@@ -88,16 +89,6 @@ def _ci(point: float, ci: tuple[float, float], digits: int = 3) -> str:
     return f"{point:+.{digits}f}" + ("" if math.isnan(ci[0]) else f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]")
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
-    return f"{np.mean(values):.3f}" + (f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else "")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _fraction_name(f: float) -> str:
     return "final" if f == 1.0 else f"{f:.0%}"
 
@@ -141,8 +132,7 @@ def _layer_order(variants: list[Variant], found: set[str]) -> list[str]:
 
 
 def _final(run: RunRecord, key: str) -> float | None:
-    history = run.metrics.get(key)
-    return history[-1][1] if history else None
+    return floors.final_value(run.metrics, key)
 
 
 def _finals(v: Variant, key: str) -> list[float]:

@@ -36,7 +36,7 @@ def floor_key(name: str, metric: str) -> str | None:
     return keys.oracle_metric(name, suffix) if name == keys.ORACLE_DEPTH_WARP else keys.floor_metric(name, suffix)
 
 
-def _last(history: Histories, key: str) -> float | None:
+def final_value(history: Histories, key: str) -> float | None:
     values = history.get(key)
     return float(values[-1][1]) if values else None
 
@@ -48,7 +48,7 @@ def floors_of(histories: Iterable[Histories], metric: str) -> dict[str, float]:
     out = {}
     for name in NAMES:
         key = floor_key(name, metric)
-        values = [v for h in histories if key and (v := _last(h, key)) is not None]
+        values = [v for h in histories if key and (v := final_value(h, key)) is not None]
         if values:
             out[name] = sum(values) / len(values)
     return out

@@ -73,9 +73,10 @@ def run(p: Plan, *, executor: str | None = None, workers: int | None = None, uri
                  f"{payloads[result.trial]['label']}" + (f"\n    {result.error}" if result.error else ""))
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        for trial_id, item in payloads.items():  # the local pool has stopped every worker by now (Slurm jobs run on)
-            if executor == "local" and trial_id not in results:
-                sweep_executors.ensure_ended_in_store(item, status, f"sweep interrupted: {type(err).__name__}: {err}")
+        if executor == "local":  # the pool has stopped every worker by now (Slurm jobs run on)
+            for trial_id, item in payloads.items():
+                if trial_id not in results:
+                    sweep_executors.ensure_ended_in_store(item, status, f"sweep interrupted: {type(err).__name__}: {err}")
         tracking.end_run(parent, status, f"{type(err).__name__}: {err}", uri)
         raise
     ordered = [results.get(t.id) or TrialResult(t.id, "FAILED", "no result came back") for t in p.trials]
