@@ -272,9 +272,10 @@ def test_sigterm_to_the_sweep_stops_its_workers_and_marks_every_trial_killed(in_
     import sys
     import time
 
-    path = write_sweep(in_tmp, "sigterm", {"run_experiment.seed": [0, 1]},
+    # more trials than workers: a worker whose trial was stopped must not start the one queued to it
+    path = write_sweep(in_tmp, "sigterm", {"run_experiment.seed": [0, 1, 2, 3, 4]},
                        fixed=["eval.every = 0", "train.steps = 100000", "train.checkpoint_every = 2"])
-    trials = [t.id for t in sweep.plan(sweep.load(path)).trials]
+    trials = [t.id for t in sweep.plan(sweep.load(path)).trials][:2]  # the two that start first
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "OMP_NUM_THREADS": "1"}
     log = (in_tmp / "sweep.log").open("w")  # a file, not a pipe: nobody reads a pipe until the end
     parent = subprocess.Popen([sys.executable, "-m", "cameo_bench", "sweep", str(path), "--workers", "2"],
@@ -313,3 +314,90 @@ def _group_of(pid: str) -> int | None:
         return int(pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
     except (OSError, IndexError, ValueError):
         return None
+
+
+def test_reuse_from_copies_a_finished_run_of_the_same_configuration_and_trains_the_rest(in_tmp, store, capsys):
+    """Overlapping sweeps: the second names the first in `sweep.reuse_from`. Its trial ids differ
+    (other bindings spell the same configuration), yet the two trials whose logged params match are
+    copied, and the copy equals what training that configuration once more gives (a third sweep,
+    no reuse): the premise that equal params mean equal training, and a complete copy."""
+    import mlflow
+
+    first = write_sweep(in_tmp, "first", {"cameo.weight": [0.0, 0.5]})
+    assert cli([first, "--workers", 0]) == 0
+    # the same two configurations (smoke.gin's selector is depth:0.5), spelled through a named axis,
+    # plus one new weight
+    axes = {"arm": [{"cameo.weight": 0.0}, {"cameo.weight": 0.5, "cameo.layer": "depth:0.5"}, {"cameo.weight": 0.25}]}
+    second = write_sweep(in_tmp, "second", axes, extra="sweep.reuse_from = ['first', 'no_such_experiment']\n")
+    again = write_sweep(in_tmp, "again", axes)
+    capsys.readouterr()
+    assert cli([second, "--workers", 0]) == 0
+    assert capsys.readouterr().err.count("copied run") == 2
+    assert cli([again, "--workers", 0]) == 0
+
+    client = mlflow.tracking.MlflowClient(store)
+    originals = {r["run_id"] for r in _children("first", store).values()}
+    copies = {k: client.get_run(r["run_id"]) for k, r in _children("second", store).items()}
+    trained = {k: client.get_run(r["run_id"]) for k, r in _children("again", store).items()}
+    assert set(copies) == set(trained) and len(copies) == 3
+    reused = {k for k, run in copies.items() if "reused_from" in run.data.tags}
+    assert len(reused) == 2 and {copies[k].data.tags["reused_from"] for k in reused} == originals
+    fresh = next(iter(set(copies) - reused))
+    assert copies[fresh].data.params["cameo.weight"] == "0.25"
+    for key in reused:
+        copy, ref = copies[key], trained[key]
+        assert copy.info.status == "FINISHED" and copy.data.tags["sweep.name"] == "second"
+        assert copy.data.tags["reused_from.experiment"] == "first"
+        assert copy.info.run_name == ref.info.run_name
+        assert copy.data.params["output_dir"].endswith("second")
+        assert {k: v for k, v in copy.data.params.items() if k not in ("name", "output_dir")} == {
+            k: v for k, v in ref.data.params.items() if k not in ("name", "output_dir")}
+        assert set(copy.data.metrics) == set(ref.data.metrics)
+        for metric in ("train/loss_diffusion", "time/step_seconds"):
+            history = [(m.step, m.value) for m in client.get_metric_history(copy.info.run_id, metric)]
+            assert len(history) == 2
+            if metric.startswith("train/"):
+                assert history == [(m.step, m.value) for m in client.get_metric_history(ref.info.run_id, metric)]
+        source = client.get_run(copy.data.tags["reused_from"])
+        assert (copy.info.start_time, copy.info.end_time) == (source.info.start_time, source.info.end_time)
+        assert {a.path for a in client.list_artifacts(copy.info.run_id)} == {
+            a.path for a in client.list_artifacts(source.info.run_id)}
+
+
+def test_reuse_matches_every_param_but_the_run_folders_name_and_place_and_not_runs_older_than_their_inputs(
+        in_tmp, store):
+    import mlflow
+
+    from cameo_bench.tracking import run_copy
+
+    experiment = tracking.get_or_create_experiment("params_only", store)
+    client = mlflow.tracking.MlflowClient(store)
+    run_id = client.create_run(experiment).info.run_id
+    client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in
+                                     {"name": "a", "output_dir": "x", "train.steps": "2", "seed": "0"}.items()])
+    client.set_terminated(run_id, "FINISHED")
+    same = {"name": "b", "output_dir": "y", "train.steps": "2", "seed": "0"}
+    assert run_copy.find_equivalent(["params_only"], same, store)["run_id"] == run_id
+    started = client.get_run(run_id).info.start_time  # a file it read by path changed after it started:
+    assert run_copy.find_equivalent(["params_only"], same, store, started_after_ms=started) is None
+    assert run_copy.find_equivalent(["params_only"], same, store, started_after_ms=started - 1)["run_id"] == run_id
+    assert run_copy.find_equivalent(["params_only"], {**same, "seed": "1"}, store) is None
+    assert run_copy.find_equivalent(["params_only"], {**same, "train.lr": "1"}, store) is None  # one more param
+    assert run_copy.find_equivalent(["params_only", "absent"], {k: v for k, v in same.items() if k != "seed"},
+                                    store) is None
+
+
+def test_reuse_dates_a_configuration_by_its_newest_input_file(tmp_path):
+    import os
+
+    from cameo_bench import config
+    from cameo_bench.sweep.executors import _inputs_modified_ms
+
+    prior = tmp_path / "prior" / "pretrained"
+    prior.mkdir(parents=True)
+    (prior / "config.json").write_text("{}")
+    (prior / "weights.safetensors").write_bytes(b"0")
+    os.utime(prior / "config.json", (1_000, 1_000))
+    os.utime(prior / "weights.safetensors", (2_000.5, 2_000.5))
+    assert _inputs_modified_ms(config.parse([SMOKE])) == 0
+    assert _inputs_modified_ms(config.parse([SMOKE], [f"backbone.init_from = '{prior}'"])) == 2_000_500

@@ -13,7 +13,7 @@ import pathlib
 from cameo_bench.config.gin_root import ConfigError, statements
 
 SWEEP_PARAMS = ("name", "base", "axes", "fixed", "experiment", "output_dir", "executor", "workers",
-                "slurm", "local_gpus")
+                "slurm", "local_gpus", "reuse_from")
 SWEEP_REQUIRED = ("name", "base", "axes")
 
 

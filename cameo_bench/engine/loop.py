@@ -56,6 +56,13 @@ class Sinks:
         return [t for t in self.trackers if hasattr(t, "log_artifact")]
 
 
+def logged_params(exp) -> dict[str, str]:
+    """The params a run of `exp` records: its configuration, where a baseline says `none` for the
+    CAMEO settings it never used, and the conventions eval/* is computed by. Equal params, equal
+    training (what `sweep.reuse_from` matches on)."""
+    return {**honest_params(exp.flat_params()), **convention_params(exp)}
+
+
 def open_log(run: Run) -> RunLog | None:
     """Rank 0's log in the run folder. A fresh run starts it anew; a resumed one keeps what was
     logged up to its checkpoint's step. Only training opens it: evaluating a run must not."""
@@ -130,8 +137,7 @@ def fit(run: Run, *, log: RunLog | None = None, trackers: Sequence = ()) -> dict
     main = run.dist.is_main
     pretrained.check(run)  # a layout the model cannot be written in fails now, not after training
     sinks = Sinks(log if log is not None else open_log(run), trackers) if main else Sinks(None)
-    # a baseline logs `none` for the CAMEO settings it never used; conventions: how eval/* was computed
-    sinks.log_params({**honest_params(exp.flat_params()), **convention_params(exp)})
+    sinks.log_params(logged_params(exp))
     floors = True  # the floors do not change with training: logged at this fit's first evaluation only
     progress = None
     if exp.train.progress and main:

@@ -28,6 +28,8 @@ def run_trial(payload: dict[str, Any]) -> TrialResult:
     always resumes: a restarted trial continues from its run folder's checkpoint and MLflow run.
     """
     start = time.perf_counter()
+    if sigterm_received():  # this worker was stopped during an earlier trial: one queued to it must not start
+        return TrialResult(payload["trial"], "KILLED", "the sweep was stopped before this trial started")
     os.environ["MLFLOW_TRACKING_URI"] = payload["tracking_uri"]
     if payload.get("threads"):
         import torch
@@ -51,6 +53,10 @@ def _run_trial(payload: dict, start: float) -> TrialResult:
     try:
         exp = config.parse(payload["gin_files"], payload["bindings"])
         exp.train.progress = False  # several trials share one terminal
+        if payload.get("reuse_from"):
+            copied = _reuse(payload, exp)
+            if copied is not None:
+                return copied
         mlflow = MlflowRun(payload["experiment"], uri=payload["tracking_uri"],  # named by `run_label`
                            parent_run_id=payload["parent_run_id"], clear_error=True,
                            label_extra=payload.get("label_extra", ()),
@@ -64,6 +70,49 @@ def _run_trial(payload: dict, start: float) -> TrialResult:
         return result("KILLED", f"terminated ({err}); restart the sweep to resume from the last checkpoint")
     except Exception as err:  # noqa: BLE001 - a trial's error of any kind is its result
         return result("FAILED", f"{type(err).__name__}: {err}")
+
+
+def _reuse(payload: dict[str, Any], exp) -> TrialResult | None:
+    """The trial as a copy of a FINISHED run of the same configuration in one of the sweep's
+    `reuse_from` experiments (`tracking.run_copy`), or None when there is none: then it trains."""
+    from cameo_bench import tracking
+    from cameo_bench.engine.loop import logged_params
+    from cameo_bench.engine.tracked_run import run_name
+    from cameo_bench.tracking import keys
+
+    start = time.perf_counter()
+    uri = payload["tracking_uri"]
+    params = logged_params(exp)
+    source = tracking.find_equivalent(payload["reuse_from"], params, uri, started_after_ms=_inputs_modified_ms(exp))
+    if source is None:
+        return None
+    # the source's tags (same configuration: same labels, the layer its selector resolved to) stay
+    tags = {keys.SWEEP_NAME: payload["sweep"], keys.SWEEP_TRIAL: payload["trial"], keys.SWEEP_LABEL: payload["label"]}
+    if payload["parent_run_id"]:
+        tags[keys.PARENT_RUN_ID] = payload["parent_run_id"]
+    layer = source["tags"].get(keys.LAYER_RESOLVED)
+    name = run_name(exp, None if layer in (None, keys.NONE) else layer, payload.get("label_extra", ()))
+    run_id = tracking.copy_run(source["run_id"], tracking.get_or_create_experiment(payload["experiment"], uri), name,
+                               params=params, tags=tags, source_experiment=source["experiment"], uri=uri)
+    print(f"trial {payload['trial']}: copied run {source['run_id']} of experiment {source['experiment']!r} "
+          f"(same configuration) as MLflow run {run_id}", file=sys.stderr)
+    return TrialResult(payload["trial"], "FINISHED", None, run_id, tracking.final_eval_metrics(run_id, uri),
+                       time.perf_counter() - start)
+
+
+def _inputs_modified_ms(exp) -> int:
+    """When the files a run reads by path last changed (the init checkpoint, the VAE, a dataset
+    root, the evaluation index), in ms since the epoch; 0 without any. Params name these by path,
+    not content: a run that started before they last changed may have read other bytes, so it is
+    no copy source (a prior retrained in place is not mistaken for the old one)."""
+    paths = [exp.backbone.init_from, exp.codec.vae_path, exp.data.root, exp.eval.index, exp.eval.index_root]
+    newest = 0.0
+    for path in filter(None, paths):
+        path = pathlib.Path(path)
+        files = [path] if path.is_file() else (p for p in path.rglob("*") if p.is_file()) if path.is_dir() else ()
+        for file in files:
+            newest = max(newest, file.stat().st_mtime)
+    return int(newest * 1000)
 
 
 def ensure_failed_in_store(result: TrialResult, payload: dict[str, Any]) -> None:

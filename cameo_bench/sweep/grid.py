@@ -21,6 +21,8 @@ listed and checked without torch or MLflow. A sweep file is gin syntax with `swe
     sweep.local_gpus = [0, 1]     # local pool: one CUDA device per worker, round robin
     sweep.output_dir = None       # default <base run_experiment.output_dir>/sweeps
     sweep.experiment = None       # MLflow experiment, default sweep.name
+    sweep.reuse_from = ['backbones']  # experiments whose FINISHED run of a trial's exact configuration
+                                  # (its logged params) is copied in instead of training it again
 
 Expansion is the cartesian product of the axes. A point with lambda = 0 or source 'none' trains
 no CAMEO at all (`config.spec.is_baseline`), so every such point is collapsed into one baseline per combination of the other
@@ -64,6 +66,7 @@ class SweepSpec:
     workers: int = 1
     slurm: dict[str, Any] = field(default_factory=dict)
     local_gpus: list[int] | None = None
+    reuse_from: list[str] = field(default_factory=list)
     path: str = "<python>"  # the sweep file, for messages and provenance
 
     @property
@@ -129,6 +132,11 @@ def validate(spec: SweepSpec) -> None:
     if not isinstance(spec.slurm or {}, dict):
         raise SweepError(f"{where}: sweep.slurm must be a dict of submitit parameters, got {spec.slurm!r}")
     spec.slurm = dict(spec.slurm or {})
+    if isinstance(spec.reuse_from, str):
+        spec.reuse_from = [spec.reuse_from]
+    if not isinstance(spec.reuse_from, (list, tuple)) or not all(isinstance(e, str) and e for e in spec.reuse_from):
+        raise SweepError(f"{where}: sweep.reuse_from must be a list of MLflow experiment names, got {spec.reuse_from!r}")
+    spec.reuse_from = list(spec.reuse_from)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ def payload(p: Plan, trial: Trial, parent_run_id: str | None, uri: str) -> dict[
         "run_dir": str(p.run_root / trial.id), "sweep": p.spec.name, "experiment": p.spec.experiment_name,
         "parent_run_id": parent_run_id, "tracking_uri": uri,
         "label_extra": label_extras(trial.varied, trial.bindings),  # the run name's parts beyond run_label's
+        "reuse_from": list(p.spec.reuse_from),
     }
 
 
