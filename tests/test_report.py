@@ -469,3 +469,32 @@ def test_a_run_written_by_the_engine_reads_back_under_the_reports_names(store, t
     assert profile == layers
     assert "## Attention visualisation" in md  # the engine's figure, at the path the report asks for
     assert (tmp_path / "report" / "attention_mv_dit_micro_00.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_leaves_out_trials_their_sweep_file_no_longer_defines(tmp_path):
+    """A sweep whose file changed a backbone's step count trains new trials; the old trials' runs
+    stay in the experiment but are not the sweep any more, so the report lists them as left out."""
+    runs = synthetic_sweep()
+    for i, run in enumerate(runs):
+        run.tags.update({"sweep.name": "s", "sweep.trial": f"t{i}"})
+    parent = RunRecord("parent", "sweep:s", {}, {"sweep.name": "s", "sweep.role": "parent"}, {})
+    old = runs[3]  # the baseline of seed 1: trial t3 is gone from the grid
+    grid = [{"id": f"t{i}"} for i in range(len(runs)) if i != 3]
+    other = RunRecord("other", "x", synthetic_params(0.5, 1, 99), {"sweep.name": "elsewhere", "sweep.trial": "t3"},
+                      synthetic_metrics(0.5, 1, 2.0, 100))
+
+    def fetch(run, path, dst):
+        if run.run_id != "parent" or path != "sweep/trials.json":
+            return None
+        dst.write_text(json.dumps(grid))
+        return dst
+
+    report = build_report([parent, *runs, other], tmp_path / "r", experiment="s", n_boot=50, draw=False, fetch=fetch)
+    left_out = {r.run_id: why for r, why in report.skipped}
+    assert "no longer in sweep 's'" in left_out[old.run_id] and "t3" in left_out[old.run_id]
+    assert "other" not in left_out  # another sweep's trial of the same id, and that sweep has no list
+    used = {r.run_id for v in report.grouping.variants for r in v.runs}
+    assert used == {r.run_id for r in runs if r is not old} | {"other"}
+    # without the parent's list nothing is filtered
+    assert old.run_id not in {r.run_id for r, _ in build_report(
+        runs, tmp_path / "r2", experiment="s", n_boot=50, draw=False, fetch=lambda *a: None).skipped}

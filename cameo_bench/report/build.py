@@ -97,15 +97,36 @@ def _fraction_name(f: float) -> str:
 # the parts
 
 
-def _usable(runs: list[RunRecord], statuses) -> tuple[list[RunRecord], list[tuple[RunRecord, str]]]:
+def current_trials(runs: list[RunRecord], fetch) -> dict[str, set[str]]:
+    """Sweep name -> the trial ids its file defines now: the trial list its parent run logged at its
+    latest start (`sweep/trials.json`). Sweeps whose list cannot be fetched are left out (no filter)."""
+    import tempfile
+
+    parents = {r.tags.get(keys.SWEEP_NAME): r for r in runs if r.tags.get(keys.SWEEP_ROLE) == "parent"}
+    trials: dict[str, set[str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, parent in parents.items():  # runs come oldest first: the newest parent of a sweep wins
+            path = fetch(parent, keys.ARTIFACT_SWEEP_TRIALS, pathlib.Path(tmp) / f"{len(trials)}.json")
+            if path is not None and pathlib.Path(path).exists():
+                trials[name] = {t["id"] for t in json.loads(pathlib.Path(path).read_text())}
+    return trials
+
+
+def _usable(runs: list[RunRecord], statuses, grid: dict[str, set[str]] | None = None,
+            ) -> tuple[list[RunRecord], list[tuple[RunRecord, str]]]:
     """Runs with evaluation metrics and an accepted status; of several runs of one sweep trial (a trial
-    restarted from scratch) only the last one counts, or its seed would be counted twice."""
+    restarted from scratch) only the last one counts, or its seed would be counted twice. With `grid`
+    (`current_trials`), a sweep trial its sweep file no longer defines (say the file moved a backbone to
+    more steps) is left out: a report covers the sweep as it stands, not every grid it once had."""
     kept, skipped = [], []
     for run in runs:
+        sweep, trial = run.tags.get(keys.SWEEP_NAME), run.tags.get(keys.SWEEP_TRIAL)
         if not any(k.startswith((keys.EVAL, keys.ATTN)) for k in run.metrics):
             skipped.append((run, f"no evaluation metrics, status {run.status} (e.g. a sweep's parent run)"))
         elif run.status not in statuses:
             skipped.append((run, f"status {run.status}"))
+        elif grid and trial is not None and sweep in grid and trial not in grid[sweep]:
+            skipped.append((run, f"trial {trial} is no longer in sweep {sweep!r}'s grid (its sweep file changed)"))
         else:
             kept.append(run)
     latest: dict[tuple[str, str], RunRecord] = {}
@@ -345,7 +366,7 @@ def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experime
     run's logged figure (attention maps); without it the report has no attention section. `x`: the
     curves' axis, `steps`, `flops` or `seconds` (`report.xaxis`); speed-ups are ratios in that unit."""
     out = pathlib.Path(out_dir)
-    kept, skipped = _usable(runs, statuses)
+    kept, skipped = _usable(runs, statuses, current_trials(runs, fetch) if fetch is not None else None)
     if not kept:
         raise ValueError(f"experiment {experiment!r}: no run with status in {list(statuses)} has evaluation metrics "
                          f"({len(runs)} runs found: {sorted({r.status for r in runs})})")
