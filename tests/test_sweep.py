@@ -401,3 +401,44 @@ def test_reuse_dates_a_configuration_by_its_newest_input_file(tmp_path):
     os.utime(prior / "weights.safetensors", (2_000.5, 2_000.5))
     assert _inputs_modified_ms(config.parse([SMOKE])) == 0
     assert _inputs_modified_ms(config.parse([SMOKE], [f"backbone.init_from = '{prior}'"])) == 2_000_500
+
+
+def test_reuse_continues_a_shorter_run_of_the_same_configuration_to_what_training_from_scratch_gives(in_tmp, store,
+                                                                                                     capsys):
+    """A sweep that moved to more steps continues the finished shorter run from its last checkpoint
+    instead of training from step 0; the record must equal a from-scratch run's, bit for bit
+    (if a step-count-dependent schedule is ever added, this fails and continuing must be refused)."""
+    import mlflow
+
+    fixed = ["eval.every = 2", "eval.num_scenes = 2", "train.log_every = 1", "train.checkpoint_every = 2"]
+    axes = {"cameo.weight": [0.5]}
+    short = write_sweep(in_tmp, "short", axes, fixed=fixed + ["train.steps = 2"])
+    assert cli([short, "--workers", 0]) == 0
+    longer = write_sweep(in_tmp, "longer", axes, fixed=fixed + ["train.steps = 4"],
+                         extra="sweep.reuse_from = ['short']\n")
+    scratch = write_sweep(in_tmp, "scratch", axes, fixed=fixed + ["train.steps = 4"])
+    # an odd step count is not continued (the short run never checkpointed or evaluated at step 3)
+    odd = write_sweep(in_tmp, "odd", axes, fixed=["eval.every = 0", "train.log_every = 1", "train.checkpoint_every = 1",
+                                                  "train.steps = 3"])
+    capsys.readouterr()
+    assert cli([longer, "--workers", 0]) == 0
+    assert "continues run" in capsys.readouterr().err
+    assert cli([scratch, "--workers", 0]) == 0
+    client = mlflow.tracking.MlflowClient(store)
+    (cont,), (ref,) = (
+        [client.get_run(r["run_id"]) for r in _children(name, store).values()] for name in ("longer", "scratch"))
+    assert cont.info.status == "FINISHED" and cont.data.tags["reused_from.experiment"] == "short"
+    assert cont.data.params["train.steps"] == "4"
+    for metric in ("train/loss_diffusion", "train/loss_cameo", "eval/psnr", "eval/heldout_loss"):
+        got = [(m.step, m.value) for m in client.get_metric_history(cont.info.run_id, metric)]
+        want = [(m.step, m.value) for m in client.get_metric_history(ref.info.run_id, metric)]
+        assert sorted(set(got)) == sorted(set(want)) and {s for s, _ in want} >= {2, 4}, metric
+    checkpoint_dir = in_tmp / "runs" / "longer" / cont.data.params["name"] / "checkpoints"
+    assert (checkpoint_dir / "latest.pt").exists()
+    capsys.readouterr()
+    assert cli([odd.with_name("odd.gin"), "--workers", 0]) == 0  # no reuse_from at all: trains
+    odd_reuse = write_sweep(in_tmp, "odd_reuse", axes, fixed=["eval.every = 0", "train.log_every = 1",
+                                                              "train.checkpoint_every = 4", "train.steps = 8"],
+                            extra="sweep.reuse_from = ['odd']\n")
+    assert cli([odd_reuse, "--workers", 0]) == 0
+    assert "continues run" not in capsys.readouterr().err  # 3 is no multiple of the longer run's checkpoint_every

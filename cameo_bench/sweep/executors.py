@@ -74,17 +74,27 @@ def _run_trial(payload: dict, start: float) -> TrialResult:
 
 def _reuse(payload: dict[str, Any], exp) -> TrialResult | None:
     """The trial as a copy of a FINISHED run of the same configuration in one of the sweep's
-    `reuse_from` experiments (`tracking.run_copy`), or None when there is none: then it trains."""
+    `reuse_from` experiments (`tracking.run_copy`), or None: then it trains. A run equal but for
+    fewer steps is continued: copied unfinished with its run folder, and the training resumes from
+    its last checkpoint (`_continuable`), which is the same as training from step 0."""
     from cameo_bench import tracking
+    from cameo_bench.engine.build import run_dir_of
     from cameo_bench.engine.loop import logged_params
     from cameo_bench.engine.tracked_run import run_name
     from cameo_bench.tracking import keys
 
     start = time.perf_counter()
     uri = payload["tracking_uri"]
+    run_dir = run_dir_of(exp)
+    if (run_dir / tracking.RUN_ID_FILE).exists():  # this trial trained (or was continued) before: resume it
+        return None
     params = logged_params(exp)
-    source = tracking.find_equivalent(payload["reuse_from"], params, uri, started_after_ms=_inputs_modified_ms(exp))
+    source = tracking.find_equivalent(payload["reuse_from"], params, uri, started_after_ms=_inputs_modified_ms(exp),
+                                      extendable=keys.TRAIN_STEPS)
     if source is None:
+        return None
+    old_dir = pathlib.Path(source["tags"].get(keys.RUN_DIR, ""))
+    if source["extends"] and not _continuable(exp, source, old_dir):
         return None
     # the source's tags (same configuration: same labels, the layer its selector resolved to) stay
     tags = {keys.SWEEP_NAME: payload["sweep"], keys.SWEEP_TRIAL: payload["trial"], keys.SWEEP_LABEL: payload["label"]}
@@ -93,11 +103,42 @@ def _reuse(payload: dict[str, Any], exp) -> TrialResult | None:
     layer = source["tags"].get(keys.LAYER_RESOLVED)
     name = run_name(exp, None if layer in (None, keys.NONE) else layer, payload.get("label_extra", ()))
     run_id = tracking.copy_run(source["run_id"], tracking.get_or_create_experiment(payload["experiment"], uri), name,
-                               params=params, tags=tags, source_experiment=source["experiment"], uri=uri)
-    print(f"trial {payload['trial']}: copied run {source['run_id']} of experiment {source['experiment']!r} "
-          f"(same configuration) as MLflow run {run_id}", file=sys.stderr)
+                               params=params, tags=tags, source_experiment=source["experiment"], uri=uri,
+                               finish=not source["extends"])
+    what = f"run {source['run_id']} of experiment {source['experiment']!r}"
+    if source["extends"]:
+        import shutil
+
+        shutil.copytree(old_dir, run_dir, dirs_exist_ok=True)
+        (run_dir / tracking.RUN_ID_FILE).write_text(run_id)
+        print(f"trial {payload['trial']}: continues {what} (same configuration, "
+              f"{source['params'][keys.TRAIN_STEPS]} of {exp.train.steps} steps) as MLflow run {run_id}", file=sys.stderr)
+        return None
+    print(f"trial {payload['trial']}: copied {what} (same configuration) as MLflow run {run_id}", file=sys.stderr)
     return TrialResult(payload["trial"], "FINISHED", None, run_id, tracking.final_eval_metrics(run_id, uri),
                        time.perf_counter() - start)
+
+
+def _continuable(exp, source: dict[str, Any], old_dir: pathlib.Path) -> bool:
+    """Whether resuming the source's run folder to `exp.train.steps` gives what training from step 0
+    would: its checkpoint is at its last step, and that step is one where the longer run also logs,
+    evaluates and checkpoints (so the continued record has no extra or missing point). Nothing
+    else in training depends on the step count (the LR schedule is a warm-up, then constant):
+    tests/test_sweep.py checks a continued run against one trained from scratch, bit for bit."""
+    from cameo_bench.engine import checkpoint
+    from cameo_bench.tracking import keys
+
+    steps = int(source["params"][keys.TRAIN_STEPS])
+    t, e = exp.train, exp.eval
+    if t.checkpoint_every <= 0 or steps % t.checkpoint_every or steps % t.log_every or (e.every > 0 and steps % e.every):
+        return False
+    path = checkpoint.latest_path(old_dir)
+    if not path.exists():
+        return False
+    try:
+        return int(checkpoint.load(path)["step"]) == steps
+    except Exception:  # noqa: BLE001 - an unreadable checkpoint is simply not continued
+        return False
 
 
 def _inputs_modified_ms(exp) -> int:

@@ -204,6 +204,7 @@ SEED = "seed"
 EXPERIMENT_NAME = "name"  # run_experiment.name (the run folder's name)
 OUTPUT_DIR = "output_dir"
 TRAIN_PROGRESS = "train.progress"
+TRAIN_STEPS = "train.steps"
 BACKBONE_PREFIX = "backbone."
 DATA_PREFIX = "data."
 

@@ -38,12 +38,17 @@ def _configuration(params: dict[str, str]) -> dict[str, str]:
 
 
 def find_equivalent(experiments: Iterable[str], params: dict[str, str], uri: str | None = None, *,
-                    started_after_ms: int = 0) -> dict[str, Any] | None:
-    """The newest FINISHED run of `experiments` whose logged params equal `params` (but for the run
-    folder's name and place) and that started after `started_after_ms` (when the files it read by
-    path last changed): `{run_id, experiment, tags}`, or None. Unknown experiments are skipped."""
+                    started_after_ms: int = 0, extendable: str | None = None) -> dict[str, Any] | None:
+    """A FINISHED run of `experiments` whose logged params equal `params` (but for the run folder's
+    name and place) and that started after `started_after_ms` (when the files it read by path last
+    changed): `{run_id, experiment, tags, params, extends: False}`, the newest such run; or None.
+
+    With `extendable` (a param holding an int: the step count), when no run is equal, the run equal
+    in everything but a smaller `extendable` (the longest one) with `extends: True`: a run that a
+    caller may continue, not copy. Unknown experiments are skipped."""
     client = MlflowClient(tracking_uri=uri or default_tracking_uri())
     wanted = _configuration({key: str(value)[:6000] for key, value in params.items()})
+    exact, shorter = None, []
     for name in experiments:
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -53,19 +58,43 @@ def find_equivalent(experiments: Iterable[str], params: dict[str, str], uri: str
             page = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=1000,
                                       order_by=["attributes.start_time DESC"], page_token=token)
             for run in page:
-                if run.info.start_time > started_after_ms and _configuration(dict(run.data.params)) == wanted:
-                    return {"run_id": run.info.run_id, "experiment": name, "tags": dict(run.data.tags)}
+                if run.info.start_time <= started_after_ms:
+                    continue
+                have = _configuration(dict(run.data.params))
+                hit = {"run_id": run.info.run_id, "experiment": name, "tags": dict(run.data.tags),
+                       "params": dict(run.data.params), "extends": False}
+                if have == wanted:
+                    exact = exact or hit
+                elif extendable and _shorter(have, wanted, extendable):
+                    shorter.append((int(have[extendable]), hit))
             token = page.token
             if not token:
                 break
+        if exact:
+            return exact
+    if shorter:
+        return {**max(shorter, key=lambda item: item[0])[1], "extends": True}
     return None
 
 
+def _shorter(have: dict[str, str], wanted: dict[str, str], key: str) -> bool:
+    """`have` equals `wanted` but for a smaller int `key`."""
+    if have.keys() != wanted.keys() or key not in have:
+        return False
+    try:
+        if not 0 < int(have[key]) < int(wanted[key]):
+            return False
+    except ValueError:
+        return False
+    return all(have[k] == wanted[k] for k in have if k != key)
+
+
 def copy_run(source_id: str, experiment_id: str, run_name: str, *, params: dict[str, str], tags: dict[str, str],
-             source_experiment: str, uri: str | None = None) -> str:
+             source_experiment: str, uri: str | None = None, finish: bool = True) -> str:
     """Copy run `source_id` into `experiment_id` as a FINISHED run named `run_name` with `params`
     (the source's, re-placed) and the source's tags overlaid by `tags`; returns the new run id.
-    A copy that fails half way is marked FAILED (a retry copies afresh) and the error is raised."""
+    `finish=False` leaves the copy RUNNING, for a training that continues it. A copy that fails
+    half way is marked FAILED (a retry copies afresh) and the error is raised."""
     client = MlflowClient(tracking_uri=uri or default_tracking_uri())
     source = client.get_run(source_id)
     original = source.data.tags.get(keys.REUSED_FROM, source_id)
@@ -92,7 +121,8 @@ def copy_run(source_id: str, experiment_id: str, run_name: str, *, params: dict[
         client.set_tag(run_id, keys.ERROR, f"copy of run {source_id} failed: {type(err).__name__}: {err}"[:MAX_TAG_CHARS])
         client.set_terminated(run_id, status="FAILED")
         raise
-    client.set_terminated(run_id, status="FINISHED", end_time=source.info.end_time)
+    if finish:
+        client.set_terminated(run_id, status="FINISHED", end_time=source.info.end_time)
     return run_id
 
 
