@@ -31,6 +31,7 @@ def run_trial(payload: dict[str, Any]) -> TrialResult:
     if sigterm_received():  # this worker was stopped during an earlier trial: one queued to it must not start
         return TrialResult(payload["trial"], "KILLED", "the sweep was stopped before this trial started")
     os.environ["MLFLOW_TRACKING_URI"] = payload["tracking_uri"]
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a copied run's artifacts: one bar per file
     if payload.get("threads"):
         import torch
 
