@@ -491,7 +491,7 @@ def test_report_leaves_out_trials_their_sweep_file_no_longer_defines(tmp_path):
 
     report = build_report([parent, *runs, other], tmp_path / "r", experiment="s", n_boot=50, draw=False, fetch=fetch)
     left_out = {r.run_id: why for r, why in report.skipped}
-    assert "no longer in sweep 's'" in left_out[old.run_id] and "t3" in left_out[old.run_id]
+    assert "no longer in the grid of sweep 's'" in left_out[old.run_id] and "t3" in left_out[old.run_id]
     assert "other" not in left_out  # another sweep's trial of the same id, and that sweep has no list
     used = {r.run_id for v in report.grouping.variants for r in v.runs}
     assert used == {r.run_id for r in runs if r is not old} | {"other"}

@@ -126,7 +126,7 @@ def _usable(runs: list[RunRecord], statuses, grid: dict[str, set[str]] | None = 
         elif run.status not in statuses:
             skipped.append((run, f"status {run.status}"))
         elif grid and trial is not None and sweep in grid and trial not in grid[sweep]:
-            skipped.append((run, f"trial {trial} is no longer in sweep {sweep!r}'s grid (its sweep file changed)"))
+            skipped.append((run, f"trial {trial} is no longer in the grid of sweep {sweep!r} (its sweep file changed)"))
         else:
             kept.append(run)
     latest: dict[tuple[str, str], RunRecord] = {}
