@@ -43,10 +43,16 @@ def run(args: argparse.Namespace) -> int:
         print("error: --workers must be >= 0", file=sys.stderr)
         return 2
     slurm = {"cluster": args.cluster} if args.cluster else None
-    from cameo_bench.engine.signals import sigterm_as_interrupt
+    from cameo_bench.engine.signals import Terminated, sigterm_as_interrupt
 
-    with sigterm_as_interrupt():  # `kill` of the sweep stops its trials too, each KILLED and resumable
-        results = sweep.run(plan, executor=args.executor, workers=args.workers, uri=args.tracking_uri, slurm=slurm)
+    try:
+        with sigterm_as_interrupt():  # `kill` of the sweep stops its trials too, each KILLED and resumable
+            results = sweep.run(plan, executor=args.executor, workers=args.workers, uri=args.tracking_uri, slurm=slurm)
+    except KeyboardInterrupt as err:  # the runner has marked every started trial KILLED by now
+        why = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+        print(f"sweep {plan.spec.name!r} {why}: started trials are KILLED and resume from their last checkpoint; "
+              f"run the same command again to go on", file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
     if args.summary:
         from cameo_bench.report.summary import summary_table
 
