@@ -282,7 +282,15 @@ def test_compute_line_counts_side_by_side_runs_once():
     runs = [RunRecord("a", "a", start_time=1000.0, end_time=1600.0), RunRecord("b", "b", start_time=1300.0, end_time=1900.0),
             RunRecord("c", "c")]  # no times: left out
     line = _compute_line(runs)
-    assert "2 runs, 10.0 min median per run" in line and "20 run-minutes" in line and "15 min from the first" in line
+    assert "2 runs, 10.0 min median per run (start to end)" in line and "20 run-minutes" in line
+    assert "15 min from the first" in line
+    # with the training clock logged it counts, not the span (which includes a resumed run's pause)
+    runs = [RunRecord("a", "a", metrics={"time/train_seconds": [(1, 60.0), (2, 240.0)]}, start_time=1000.0,
+                      end_time=5000.0),
+            RunRecord("b", "b", metrics={"time/train_seconds": [(2, 480.0)]}, start_time=1300.0, end_time=1900.0)]
+    line = _compute_line(runs)
+    assert "2 runs, 6.0 min of training (the training clock) median per run (range 4.0-8.0)" in line, line
+    assert "12 run-minutes" in line and "67 min from the first" in line
 
 
 def test_quality_by_viewpoint_bin_table_and_paired_gap(tmp_path):

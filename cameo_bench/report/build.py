@@ -325,14 +325,20 @@ def _sweep_section(report: Report, backbones, present, fractions) -> list[str]:
 
 
 def _compute_line(runs: list[RunRecord]) -> str:
-    """What the runs cost: per-run wall time and the elapsed time from the first start to the last end
-    (less than the sum when runs ran side by side)."""
+    """What the runs cost: per-run training time, and the elapsed time from the first start to the
+    last end (less than the sum when runs ran side by side). Per run, the training clock
+    (`time/train_seconds`, steps only) where logged: a run's start-to-end span also counts its
+    evaluations and any pause (a resumed run, one continued to more steps later)."""
     spans = [(r.start_time, r.end_time) for r in runs if r.start_time and r.end_time]
     if not spans:
         return "Compute: run start/end times not recorded."
-    minutes = [(e - s) / 60 for s, e in spans]
+    clocks = [r.metrics[keys.TRAIN_SECONDS][-1][1] / 60 for r in runs if r.metrics.get(keys.TRAIN_SECONDS)]
     elapsed = (max(e for _, e in spans) - min(s for s, _ in spans)) / 60
-    return (f"Compute: {len(spans)} runs, {np.median(minutes):.1f} min median per run (range {min(minutes):.1f}-"
+    if len(clocks) == len(runs):
+        minutes, what = clocks, "min of training (the training clock) median per run"
+    else:
+        minutes, what = [(e - s) / 60 for s, e in spans], "min median per run (start to end)"
+    return (f"Compute: {len(minutes)} runs, {np.median(minutes):.1f} {what} (range {min(minutes):.1f}-"
             f"{max(minutes):.1f}), {sum(minutes):.0f} run-minutes in all, {elapsed:.0f} min from the first start to "
             "the last end (runs side by side).")
 

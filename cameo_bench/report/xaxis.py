@@ -31,10 +31,11 @@ def _check(x: str) -> None:
 
 def metric_prefixes(x: str) -> tuple[str, ...]:
     """Metric prefixes a report must load besides the evaluation's to draw against `x`. The compute
-    record (`compute/*`: FLOPs per step, parameters; one value each) is always loaded: the section
-    comparing architectures at equal compute needs it whatever the curves are drawn against."""
+    record (`compute/*`: FLOPs per step, parameters; one value each) and the training clock are
+    always loaded: the section comparing architectures at equal compute needs the one, the report's
+    compute line the other, whatever the curves are drawn against."""
     _check(x)
-    return {"steps": (keys.COMPUTE,), "flops": (keys.COMPUTE,), "seconds": (keys.COMPUTE, keys.TRAIN_SECONDS)}[x]
+    return (keys.COMPUTE, keys.TRAIN_SECONDS)
 
 
 def _flops(run, curve: Curve) -> Curve:
