@@ -374,9 +374,10 @@ def test_reuse_matches_every_param_but_the_run_folders_name_and_place_and_not_ru
     client = mlflow.tracking.MlflowClient(store)
     run_id = client.create_run(experiment).info.run_id
     client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in
-                                     {"name": "a", "output_dir": "x", "train.steps": "2", "seed": "0"}.items()])
+                                     {"name": "a", "output_dir": "x", "train.steps": "2", "seed": "0",
+                                      "train.progress": "True"}.items()])
     client.set_terminated(run_id, "FINISHED")
-    same = {"name": "b", "output_dir": "y", "train.steps": "2", "seed": "0"}
+    same = {"name": "b", "output_dir": "y", "train.steps": "2", "seed": "0", "train.progress": "False"}
     assert run_copy.find_equivalent(["params_only"], same, store)["run_id"] == run_id
     started = client.get_run(run_id).info.start_time  # a file it read by path changed after it started:
     assert run_copy.find_equivalent(["params_only"], same, store, started_after_ms=started) is None

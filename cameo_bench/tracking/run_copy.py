@@ -9,7 +9,8 @@ metric's full history, the artifacts and the source's start and end times (so co
 true). The copy carries `reused_from` (the source run; the original one if the source was itself
 a copy) and keeps the source's git tags, which say the code that produced it.
 
-A configuration is the run's logged params except the run folder's name and location: equal
+A configuration is the run's logged params except the run folder's name and location (and
+whether it drew a progress bar): equal
 params, equal training. Runs whose param sets differ at all (a newer version that logs one more
 setting) never match, and params name files (an init checkpoint, a dataset) by path, so a run
 that started before those files last changed is no source either: reuse errs towards training.
@@ -25,8 +26,8 @@ from mlflow.tracking import MlflowClient
 from cameo_bench.tracking import keys
 from cameo_bench.tracking.mlflow_writer import MAX_BATCH, MAX_TAG_CHARS, default_tracking_uri
 
-# params that name where a run lives, not what it trained
-IGNORED_PARAMS = (keys.EXPERIMENT_NAME, keys.OUTPUT_DIR)
+# params that name where a run lives or how it shows progress, not what it trained
+IGNORED_PARAMS = (keys.EXPERIMENT_NAME, keys.OUTPUT_DIR, keys.TRAIN_PROGRESS)
 # tags that place a run in its own sweep and experiment: the copy gets its own
 _PLACEMENT_TAGS = (keys.RUN_NAME, keys.PARENT_RUN_ID, "mlflow.rootRunId", keys.SWEEP_NAME, keys.SWEEP_ROLE,
                    keys.SWEEP_TRIAL, keys.SWEEP_LABEL, keys.ERROR, keys.REUSED_FROM, keys.REUSED_FROM_EXPERIMENT)
