@@ -17,7 +17,7 @@ from cameo_bench.tracking.labels import params_are_baseline
 
 SEED_PARAMS = (keys.SEED,)  # data.seed picks the scenes: a data setting, not a replicate
 BACKBONE_KEYS = (keys.BACKBONE_NAME, keys.BACKBONE_PRESET)  # reports have one section per backbone
-IGNORED_PARAMS = (keys.EXPERIMENT_NAME, keys.OUTPUT_DIR, keys.GIN_FILES, keys.TRAIN_PROGRESS)
+IGNORED_PARAMS = keys.PLACEMENT_PARAMS + (keys.GIN_FILES,)
 SUPERVISED = keys.SUPERVISED_PREFIX
 _LAYER_KEY = re.compile(rf"^{re.escape(keys.ATTN)}(?P<layer>.+)/{re.escape(keys.PCK1)}$")
 

@@ -205,6 +205,8 @@ EXPERIMENT_NAME = "name"  # run_experiment.name (the run folder's name)
 OUTPUT_DIR = "output_dir"
 TRAIN_PROGRESS = "train.progress"
 TRAIN_STEPS = "train.steps"
+# params that say where a run lives and whether it drew a progress bar, not what it trained
+PLACEMENT_PARAMS = (EXPERIMENT_NAME, OUTPUT_DIR, TRAIN_PROGRESS)
 BACKBONE_PREFIX = "backbone."
 DATA_PREFIX = "data."
 

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from importlib import metadata
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import mlflow
@@ -33,6 +33,8 @@ RUN_ID_FILE = keys.RUN_ID_FILE
 PACKAGES = ("torch", "diffusers", "timm", "gin-config", "mlflow", "mlflow-skinny", "torchmetrics", "cameo_bench")
 TERMINAL_STATUSES = ("FINISHED", "FAILED", "KILLED")  # MLflow run statuses after which a run is over
 MAX_TAG_CHARS = 5000  # MLflow 3 accepts 8000; the rest of a long traceback goes to an artifact
+MAX_PARAM_CHARS = 6000  # the stored part of a param value (a long gin list)
+MAX_TAGS_PARAMS = 100  # MLflow's limit of tags, and of params, per log_batch call
 
 
 def default_tracking_uri() -> str:
@@ -115,6 +117,17 @@ def environment_tags(device: str = "cpu") -> dict[str, str]:
     return tags
 
 
+def log_in_batches(client: MlflowClient, run_id: str, *, tags: Sequence[RunTag] = (), params: Sequence[Param] = (),
+                   metrics: Sequence[Metric] = ()) -> None:
+    """Log any number of tags, params and metrics in as few `log_batch` calls as MLflow's limits allow."""
+    for start in range(0, len(tags), MAX_TAGS_PARAMS):
+        client.log_batch(run_id, tags=list(tags[start:start + MAX_TAGS_PARAMS]))
+    for start in range(0, len(params), MAX_TAGS_PARAMS):
+        client.log_batch(run_id, params=list(params[start:start + MAX_TAGS_PARAMS]))
+    for start in range(0, len(metrics), MAX_BATCH):
+        client.log_batch(run_id, metrics=list(metrics[start:start + MAX_BATCH]))
+
+
 class MlflowTracker:
     """Same calls as `cameo_bench.tracking.run_log.RunLog`, mirrored to one MLflow run.
 
@@ -168,14 +181,13 @@ class MlflowTracker:
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         """Keys are escaped like metric names: `not_computed.<metric>` tags carry metric names."""
-        now = [RunTag(to_mlflow_key(k), str(v)[:MAX_TAG_CHARS]) for k, v in tags.items()]
-        for start in range(0, len(now), 100):  # LogBatch takes at most 100 tags
-            self.client.log_batch(self.run_id, tags=now[start:start + 100])
+        log_in_batches(self.client, self.run_id,
+                       tags=[RunTag(to_mlflow_key(k), str(v)[:MAX_TAG_CHARS]) for k, v in tags.items()])
 
     def log_params(self, params: dict[str, Any]) -> None:
         """MLflow params are immutable: keys the run already has (e.g. on resume) are not resent;
         a resumed run whose value changed keeps the old one and says so."""
-        new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in self._params_logged]
+        new = [Param(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items() if k not in self._params_logged]
         if not new:
             return
         if self.resumed:
@@ -185,8 +197,7 @@ class MlflowTracker:
                 print(f"warning: MLflow params are immutable; run {self.run_id} keeps its logged values of "
                       f"{changed}", file=sys.stderr)
             new = [p for p in new if p.key not in logged]
-        for start in range(0, len(new), 100):  # LogBatch takes at most 100 params
-            self.client.log_batch(self.run_id, params=new[start:start + 100])
+        log_in_batches(self.client, self.run_id, params=new)
         self._params_logged.update(params)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

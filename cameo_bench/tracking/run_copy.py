@@ -24,14 +24,12 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from cameo_bench.tracking import keys
-from cameo_bench.tracking.mlflow_writer import MAX_BATCH, MAX_TAG_CHARS, default_tracking_uri
+from cameo_bench.tracking.mlflow_writer import MAX_PARAM_CHARS, MAX_TAG_CHARS, default_tracking_uri, log_in_batches
 
-# params that name where a run lives or how it shows progress, not what it trained
-IGNORED_PARAMS = (keys.EXPERIMENT_NAME, keys.OUTPUT_DIR, keys.TRAIN_PROGRESS)
+IGNORED_PARAMS = keys.PLACEMENT_PARAMS
 # tags that place a run in its own sweep and experiment: the copy gets its own
 _PLACEMENT_TAGS = (keys.RUN_NAME, keys.PARENT_RUN_ID, "mlflow.rootRunId", keys.SWEEP_NAME, keys.SWEEP_ROLE,
                    keys.SWEEP_TRIAL, keys.SWEEP_LABEL, keys.ERROR, keys.REUSED_FROM, keys.REUSED_FROM_EXPERIMENT)
-MAX_PARAMS = 100  # per log_batch (MLflow's limit), tags alike
 
 
 def _configuration(params: dict[str, str]) -> dict[str, str]:
@@ -48,7 +46,7 @@ def find_equivalent(experiments: Iterable[str], params: dict[str, str], uri: str
     in everything but a smaller `extendable` (the longest one) with `extends: True`: a run that a
     caller may continue, not copy. Unknown experiments are skipped."""
     client = MlflowClient(tracking_uri=uri or default_tracking_uri())
-    wanted = _configuration({key: str(value)[:6000] for key, value in params.items()})
+    wanted = _configuration({key: str(value)[:MAX_PARAM_CHARS] for key, value in params.items()})
     exact, shorter = None, []
     for name in experiments:
         found = client.get_experiment_by_name(name)
@@ -105,16 +103,11 @@ def copy_run(source_id: str, experiment_id: str, run_name: str, *, params: dict[
                      **tags})
     run_id = client.create_run(experiment_id, start_time=source.info.start_time, run_name=run_name).info.run_id
     try:
-        tag_list = [RunTag(key, str(value)[:MAX_TAG_CHARS]) for key, value in all_tags.items()]
-        param_list = [Param(key, str(value)[:6000]) for key, value in params.items()]
-        for start in range(0, len(tag_list), MAX_PARAMS):
-            client.log_batch(run_id, tags=tag_list[start:start + MAX_PARAMS])
-        for start in range(0, len(param_list), MAX_PARAMS):
-            client.log_batch(run_id, params=param_list[start:start + MAX_PARAMS])
-        metrics = [Metric(m.key, m.value, m.timestamp, m.step)
-                   for key in source.data.metrics for m in client.get_metric_history(source_id, key)]
-        for start in range(0, len(metrics), MAX_BATCH):
-            client.log_batch(run_id, metrics=metrics[start:start + MAX_BATCH])
+        log_in_batches(
+            client, run_id, tags=[RunTag(key, str(value)[:MAX_TAG_CHARS]) for key, value in all_tags.items()],
+            params=[Param(key, str(value)[:MAX_PARAM_CHARS]) for key, value in params.items()],
+            metrics=[Metric(m.key, m.value, m.timestamp, m.step)
+                     for key in source.data.metrics for m in client.get_metric_history(source_id, key)])
         with tempfile.TemporaryDirectory() as tmp:
             if client.list_artifacts(source_id):
                 client.log_artifacts(run_id, client.download_artifacts(source_id, "", tmp))
