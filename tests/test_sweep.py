@@ -239,6 +239,11 @@ def test_local_pool_sweep_with_a_failing_trial_then_resume(in_tmp, store, capsys
     history = client.get_metric_history(runs[good]["run_id"], "train/loss_diffusion")
     assert sorted(m.step for m in history) == [1, 2]
     assert (in_tmp / "runs" / "pool" / good / "checkpoints" / "latest.pt").exists()
+    # The workers ran a copy of the code taken at the sweep's start, tagged with the commit of that moment.
+    [copy] = (in_tmp / "runs" / "pool" / "code").iterdir()
+    assert (copy / "cameo_bench" / "sweep" / "executors.py").exists()
+    assert {r["tags"]["sweep.code"] for r in runs.values()} == {str(copy.resolve())}
+    assert {r["tags"]["git.sha"] for r in runs.values()} == {tracking.git_tags()["git.sha"]}
 
     # Starting the sweep again skips the finished trials and restarts only the failed one, in its own run.
     assert cli([path, "--workers", 0]) == 1

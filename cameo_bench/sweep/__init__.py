@@ -1,5 +1,5 @@
 """Sweeps: a grid of trials from one sweep file (`grid`), what a trial returns (`results`), where trials run
-(`executors`) and the loop that runs them (`runner`).
+(`executors`), the copy of the code a local pool runs (`code_snapshot`) and the loop that runs them (`runner`).
 """
 from __future__ import annotations
 

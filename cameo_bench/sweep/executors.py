@@ -17,6 +17,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Iterator
 
 from cameo_bench.engine.signals import Terminated, sigterm_as_interrupt, sigterm_received
+from cameo_bench.sweep import code_snapshot
 from cameo_bench.sweep.results import TrialResult
 
 
@@ -62,7 +63,7 @@ def _run_trial(payload: dict, start: float) -> TrialResult:
                            parent_run_id=payload["parent_run_id"], clear_error=True,
                            label_extra=payload.get("label_extra", ()),
                            tags={keys.SWEEP_NAME: payload["sweep"], keys.SWEEP_TRIAL: payload["trial"],
-                                 keys.SWEEP_LABEL: payload["label"]})
+                                 keys.SWEEP_LABEL: payload["label"], **payload.get("code_tags", {})})
         trial = json.dumps(payload, indent=1, default=str)
         tracked = TrackedRun(exp, resume=True, device=payload.get("device"), mlflow=mlflow,
                              notes=[Note(keys.RUN_TRIAL, keys.ARTIFACT_TRIAL, trial)])
@@ -203,9 +204,11 @@ def _init_worker(counter, gpus: list[int] | None) -> None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(gpus[index % len(gpus)])
 
 
-def run_local(payloads: list[dict[str, Any]], workers: int, gpus: list[int] | None = None) -> Iterator[TrialResult]:
+def run_local(payloads: list[dict[str, Any]], workers: int, gpus: list[int] | None = None,
+              code_root: pathlib.Path | None = None) -> Iterator[TrialResult]:
     """Trials on a spawn process pool, yielded as they finish. `workers = 0` runs them one after
-    another in this process (for debugging; gin is still re-parsed for every trial)."""
+    another in this process (for debugging; gin is still re-parsed for every trial). The workers
+    import the code under `code_root` when given (`code_snapshot`), this process's checkout if not."""
     if not payloads:
         return
     if workers == 0:
@@ -219,17 +222,20 @@ def run_local(payloads: list[dict[str, Any]], workers: int, gpus: list[int] | No
     threads = None if "OMP_NUM_THREADS" in os.environ else max(1, (os.cpu_count() or 1) // workers)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                initargs=(ctx.Value("i", 0), list(gpus or [])))
-    try:
-        futures = {pool.submit(run_trial, {**item, "threads": threads}): item for item in payloads}
-        for future in as_completed(futures):
-            try:
-                yield future.result()
-            except Exception as err:  # noqa: BLE001 - e.g. BrokenProcessPool when a worker is killed
-                yield TrialResult(futures[future]["trial"], "FAILED", f"worker died: {type(err).__name__}: {err}")
-    finally:  # queued trials never start; running ones end KILLED (Ctrl-C reaches them from the terminal)
-        if sigterm_received():  # the sweep was sent SIGTERM (a plain `kill`), its workers were not: pass it on
-            _terminate_workers(pool)
-        pool.shutdown(wait=True, cancel_futures=True)
+    # Held while the pool lives: a worker copies sys.path when it starts (at a submit), and this
+    # process's own later imports then come from the same code as its workers'.
+    with code_snapshot.first_on_path(code_root):
+        try:
+            futures = {pool.submit(run_trial, {**item, "threads": threads}): item for item in payloads}
+            for future in as_completed(futures):
+                try:
+                    yield future.result()
+                except Exception as err:  # noqa: BLE001 - e.g. BrokenProcessPool when a worker is killed
+                    yield TrialResult(futures[future]["trial"], "FAILED", f"worker died: {type(err).__name__}: {err}")
+        finally:  # queued trials never start; running ones end KILLED (Ctrl-C reaches them from the terminal)
+            if sigterm_received():  # the sweep was sent SIGTERM (a plain `kill`), its workers were not: pass it on
+                _terminate_workers(pool)
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _terminate_workers(pool: ProcessPoolExecutor) -> None:

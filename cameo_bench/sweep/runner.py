@@ -10,6 +10,7 @@ import pathlib
 import time
 from typing import Any
 
+from cameo_bench.sweep import code_snapshot
 from cameo_bench.sweep.grid import Plan, Trial
 from cameo_bench.sweep.results import TrialResult
 from cameo_bench.tracking import keys
@@ -61,9 +62,17 @@ def run(p: Plan, *, executor: str | None = None, workers: int | None = None, uri
              f"filesystem, and an MLflow server (MLFLOW_TRACKING_URI=http://...) is safer for many jobs")
     start = time.perf_counter()
     payloads = {t.id: payload(p, t, parent, uri) for t in todo}
+    snapshot = None
+    if executor == "local" and workers > 0 and todo:
+        snapshot = code_snapshot.take(p.run_root / "code", tracking.git_tags())
+        echo(f"workers run the code as it is now, copied to {snapshot.root} (edits to the checkout reach "
+             f"the next start of the sweep)")
+        for item in payloads.values():
+            item["code_tags"] = snapshot.tags
     try:
         if executor == "local":
-            stream = sweep_executors.run_local(list(payloads.values()), workers, gpus=spec.local_gpus)
+            stream = sweep_executors.run_local(list(payloads.values()), workers, gpus=spec.local_gpus,
+                                               code_root=snapshot.root if snapshot else None)
         else:
             stream = sweep_executors.run_submitit(list(payloads.values()), p.run_root / "submitit", options)
         for done, result in enumerate(stream, 1):

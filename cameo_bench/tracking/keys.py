@@ -227,6 +227,7 @@ SWEEP_NAME = "sweep.name"
 SWEEP_ROLE = "sweep.role"
 SWEEP_TRIAL = "sweep.trial"
 SWEEP_LABEL = "sweep.label"
+SWEEP_CODE = "sweep.code"  # tag: the copy of the code a local sweep's workers ran (sweep/code_snapshot.py)
 REUSED_FROM = "reused_from"  # tag of a sweep trial copied from a finished run of the same configuration
 REUSED_FROM_EXPERIMENT = "reused_from.experiment"
 CHECKPOINT_PATH = "checkpoint.path"
