@@ -506,3 +506,37 @@ def test_report_leaves_out_trials_their_sweep_file_no_longer_defines(tmp_path):
     # without the parent's list nothing is filtered
     assert old.run_id not in {r.run_id for r, _ in build_report(
         runs, tmp_path / "r2", experiment="s", n_boot=50, draw=False, fetch=lambda *a: None).skipped}
+
+
+def test_layer_study_table_sets_each_supervised_layer_beside_its_emergent_pck(tmp_path):
+    """Baseline PCK@1 per layer is 0.3 + 0.1 j (blocks.03 most emergent, 0.6); CAMEO at blocks.01 runs
+    2x and plateaus 1 dB higher, at blocks.03 runs 2x on the baseline's plateau: the best layer to
+    supervise is then not the most emergent one, and the gaps are the analytic ones."""
+    def supervised_at(layer, metrics):
+        out = {k: h for k, h in metrics.items() if k != "attn/supervised/pck@1"}
+        out["attn/supervised/pck@1"] = out[f"attn/{layer}/pck@1"]
+        return out
+
+    runs = []
+    for seed in range(3):
+        runs.append(RunRecord(f"b{seed}", "b", synthetic_params(0.0, seed, len(runs)), {},
+                              synthetic_metrics(0.0, seed, 1.0, 200)))
+        for layer, plateau in (("blocks.01.attn", 6.0), ("blocks.03.attn", 5.0)):
+            params = {**synthetic_params(0.5, seed, len(runs)), "cameo.layer": layer}
+            runs.append(RunRecord(f"{layer}{seed}", layer, params, {keys.LAYER_RESOLVED: layer},
+                                  supervised_at(layer, synthetic_metrics(0.0, seed, 2.0, 100, plateau))))
+    build_report(runs, tmp_path / "r", experiment="layers", n_boot=200, draw=False)
+    md = (tmp_path / "r" / "report.md").read_text()
+    section = md[md.index("## Supervised layer vs emergent correspondence"):]
+    base_final = [psnr(4000, TIME_SCALES[s]) for s in range(3)]
+    gap01 = np.mean([psnr(8000, TIME_SCALES[s], 6.0) - b for s, b in enumerate(base_final)])
+    emergent03 = 0.6 * (1 - math.exp(-4000 / 500))
+    assert f"| blocks.03.attn | {emergent03:.3f} |" in section
+    assert f"| blocks.01.attn | {0.4 * (1 - math.exp(-4000 / 500)):.3f} |" in section
+    assert f"{gap01:+.3f} [" in section
+    assert "Layers by emergent PCK@1 (high to low): blocks.03.attn, blocks.01.attn" in section
+    assert "Layers by eval/psnr gain (high to low): blocks.01.attn, blocks.03.attn" in section
+    assert "**different layers**" in section
+    # one supervised layer (every other report): no such section
+    build_report(synthetic_sweep(), tmp_path / "s", experiment="s", n_boot=50, draw=False)
+    assert "emergent correspondence" not in (tmp_path / "s" / "report.md").read_text()

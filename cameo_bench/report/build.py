@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cameo_bench.report import architectures, floors, plots, xaxis
-from cameo_bench.report.markdown import mean_std as _mean_std, table as _table
+from cameo_bench.report import architectures, emergence, floors, plots, xaxis
+from cameo_bench.report.markdown import mean_std as _mean_std, signed_ci, table as _table
 from cameo_bench.report.curves import DEFAULT_FRACTIONS, Comparison, compare
 from cameo_bench.report.runs import SUPERVISED, Grouping, Variant, group_runs, seed_of
 from cameo_bench.tracking import RunRecord, keys
@@ -83,10 +83,6 @@ def _speed_cell(comp: Comparison, f: int) -> str:
     if comp.speedup[f] == 0:  # never reached: the speed-up is below baseline iterations / last step
         iters += f", < {comp.base_iters[f] / comp.steps[-1]:.2f}×"
     return f"{_speed(comp.speedup[f])}{ci} (τ {_num(comp.thresholds[f])}: {iters})"
-
-
-def _ci(point: float, ci: tuple[float, float], digits: int = 3) -> str:
-    return f"{point:+.{digits}f}" + ("" if math.isnan(ci[0]) else f" [{ci[0]:+.{digits}f}, {ci[1]:+.{digits}f}]")
 
 
 def _fraction_name(f: float) -> str:
@@ -242,7 +238,7 @@ def _quality_by_bin_section(backbone: str, variants: list[Variant]) -> list[str]
                 mine = {seed_of(r): x for r in v.runs if (x := _final(r, key)) is not None}
                 theirs = {seed_of(r): x for r in v.baseline.runs if (x := _final(r, key)) is not None}
                 paired = [mine[s] - theirs[s] for s in mine if s in theirs]
-                gaps.append(_ci(float(np.mean(paired)), (math.nan, math.nan)) if paired else "—")
+                gaps.append(signed_ci(float(np.mean(paired)), (math.nan, math.nan)) if paired else "—")
             rows.append([f"Δ {v.label} − baseline"] + gaps)
         rows += floors.table_rows(variants, [keys.eval_by_bin(metric, b) for b in bins], 0, lambda x: f"{x:.3f}")
         lines += [f"#### {backbone}: final {metric.upper()} by viewpoint change of the target view (degrees to the "
@@ -292,8 +288,8 @@ def _auc_section(report: Report) -> list[str]:
     rows = []
     for (i, metric), c in report.comparisons.items():
         v = report.grouping.variants[i]
-        rows.append([v.backbone, v.label, metric, _num(c.auc[0]), _num(c.auc[1]), _ci(c.auc[1] - c.auc[0], c.auc_diff_ci),
-                     f"{c.steps[-1]:.0f}", _ci(c.final_gap, c.final_gap_ci)])
+        rows.append([v.backbone, v.label, metric, _num(c.auc[0]), _num(c.auc[1]), signed_ci(c.auc[1] - c.auc[0], c.auc_diff_ci),
+                     f"{c.steps[-1]:.0f}", signed_ci(c.final_gap, c.final_gap_ci)])
     header = ["backbone", "variant", "metric", "AUC baseline", "AUC variant", "Δ AUC [CI]", "last common step",
               "final gap (variant − baseline) [CI]"]
     return ["## Area under the curve and final gap", ""] + _table(header, rows) + [""]
@@ -426,6 +422,7 @@ def build_report(runs: list[RunRecord], out_dir: str | pathlib.Path, *, experime
     md += _speedup_section(report, backbones, present, fractions, out, draw)
     md += _auc_section(report)
     md += _sweep_section(report, backbones, present, fractions)
+    md += emergence.section(backbones, report.of, PRIMARY)
     md += ["## Attention-correspondence profile", ""]
     for backbone, variants in backbones.items():
         lines, paths = _profile_section(backbone, variants, out, draw)
