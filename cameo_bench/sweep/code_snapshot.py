@@ -10,6 +10,9 @@ So the sweep copies its two packages into the sweep's run folder before its work
 copy first on their `sys.path`, and tags every trial with the commit (and dirty flag) of that moment.
 Gin files are not copied: they are inputs like the data, and every run logs its operative config.
 `gin` inside the copy links to the checkout's, so `include 'gin/...'` resolves as it does there.
+Not covered: `workers = 0` (trials in the sweep's own process) and Slurm jobs, which import the
+checkout they find when they start (submitit pickles the trial function by reference); run long
+cluster sweeps from a clone of their own.
 """
 from __future__ import annotations
 
