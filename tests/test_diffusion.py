@@ -161,6 +161,28 @@ def test_noising_and_target_by_hand(prediction_type):
     assert aux["loss_per_sample"].shape == (B,)
 
 
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_min_snr_gamma_weighs_each_sample_as_diffusers_training_scripts_do(prediction_type):
+    from diffusers.training_utils import compute_snr
+
+    gamma, t = 5.0, torch.tensor([3, 700])  # SNR ~ 300 (weight capped) and ~ 0.1 (below gamma)
+    plain = MultiViewDiffusion(prediction_type=prediction_type)
+    weighted = MultiViewDiffusion(prediction_type=prediction_type, min_snr_gamma=gamma)
+    batch, out = make_batch(num_ref=1), torch.randn(B, V, 3, H, W, generator=torch.Generator().manual_seed(2))
+
+    def run(diff, **kw):
+        return diff.training_loss(Recorder(out), batch, t=t, generator=torch.Generator().manual_seed(4), **kw)
+
+    loss, aux = run(weighted)
+    snr = compute_snr(weighted.scheduler, t)  # diffusers' train_text_to_image.py, --snr_gamma
+    w = torch.stack([snr, gamma * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    w = w / snr if prediction_type == "epsilon" else w / (snr + 1)
+    per_sample = run(plain)[1]["loss_per_sample"]  # the MSE of each sample over its target views
+    assert loss.item() == pytest.approx((per_sample * w).mean().item(), rel=1e-5)
+    assert w[0] < 0.1 and torch.equal(aux["loss_per_sample"], per_sample)  # the per-sample record is unweighted
+    assert run(weighted, weigh_timesteps=False)[0].item() == pytest.approx(run(plain)[0].item(), rel=1e-6)
+
+
 def test_references_stay_clean_and_cond_mask():
     diff = MultiViewDiffusion()
     batch = make_batch(num_ref=torch.tensor([1, 2]))  # per-sample, as a DataLoader would collate it

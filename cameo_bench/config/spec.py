@@ -335,6 +335,9 @@ class DiffusionSpec(_Checked):
     Frozen: the objective derives its betas from it once, so it must not change afterwards.
     `snr_shift` divides the SNR at every timestep (CAMEO: 4; CAT3D shifts log-SNR by log #targets);
     the shift is applied before the zero-terminal rescale, as in CAMEO's scheduler.
+    `min_snr_gamma` > 0 weighs each training sample's loss by min(SNR, gamma) / (SNR + 1) (v) or
+    / SNR (epsilon), Min-SNR-gamma (Hang et al. 2023; 5 in their paper and in diffusers' scripts),
+    which lowers the weight of the nearly clean timesteps; held-out losses stay unweighted.
     """
 
     SECTION = "diffusion"
@@ -344,6 +347,7 @@ class DiffusionSpec(_Checked):
     snr_shift: float = knob(1.0, number(0.0, above=True, note="1 = no shift"))
     rescale_zero_terminal_snr: bool = knob(False, boolean)
     camera_dropout: float = knob(0.1, number(0.0, 1.0))
+    min_snr_gamma: float = knob(0.0, number(0.0, note="0 = every timestep weighs the same"))
 
     def _check_together(self) -> None:
         if self.rescale_zero_terminal_snr and self.prediction_type == "epsilon":

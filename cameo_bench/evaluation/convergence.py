@@ -94,7 +94,8 @@ def convergence_metrics(model, diffusion, batches: list[dict], *, seed: int = 0,
             recorder = _Recorder(model)
             noise = fixed_noise(tuple(x0.shape), seed, b, t).to(x0)
             t_batch = torch.full((B,), t, dtype=torch.long, device=x0.device)
-            loss, _ = diffusion.training_loss(recorder, batch, t=t_batch, camera_drop=no_drop, noise=noise)
+            loss, _ = diffusion.training_loss(recorder, batch, t=t_batch, camera_drop=no_drop, noise=noise,
+                                              weigh_timesteps=False)
             if t in loss_sum:
                 loss_sum[t] += float(loss) * n
             if t in psnr:

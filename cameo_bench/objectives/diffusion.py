@@ -203,6 +203,13 @@ class MultiViewDiffusion:
         a = self.alphas_cumprod.double()
         return a / (1.0 - a)
 
+    def min_snr_weight(self, t: torch.Tensor) -> torch.Tensor:  # [B] float32
+        """Min-SNR-gamma loss weights of timesteps `t [B]` (diffusers' training scripts compute the
+        same from `training_utils.compute_snr`, whose import costs ~3 s in every worker)."""
+        snr = self.snr().to(t.device)[t]  # [B] float64
+        clipped = torch.clamp(snr, max=self.config.min_snr_gamma)
+        return (clipped / (snr + 1.0) if self.config.prediction_type == "v_prediction" else clipped / snr).float()
+
     def ddim_scheduler(self, num_steps: int) -> DDIMScheduler:
         """A DDIM scheduler on the training betas. "trailing" spacing starts at t = T-1, the only
         choice that reaches the zero-SNR step (Lin et al. 2023, Table 2), and harmless otherwise;
@@ -249,14 +256,15 @@ class MultiViewDiffusion:
     def training_loss(self, model, batch: dict, t: torch.Tensor | None = None,
                       generator: torch.Generator | None = None, tap=None,
                       perturb: dict | None = None, *, camera_drop: torch.Tensor | None = None,
-                      noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                      noise: torch.Tensor | None = None, weigh_timesteps: bool = True) -> tuple[torch.Tensor, dict]:
         """MSE on target views of one noised forward; the tap of that same forward is in `aux["tap"]`.
 
         Random draws, in this order from `generator`: t [B], camera drop [B], noise; each one only
         when it is not given. Giving all three lets a caller draw per sample (DDP: the draws of a
         sample must not depend on which rank holds it).
         aux: `t [B]`, `camera_dropped [B] bool`, `cond_mask [B, V]`, `loss_per_sample [B]` (detached,
-        for loss-vs-t curves), `tap` (TapResult or None).
+        for loss-vs-t curves; never timestep-weighted), `tap` (TapResult or None).
+        `weigh_timesteps = False`: the plain MSE even under `min_snr_gamma` (held-out losses).
         """
         B, V, H, W = _check_batch(batch, self.codec.downsample)
         x0 = self.to_model_space(batch)  # [B, V, C, h, w]
@@ -291,8 +299,12 @@ class MultiViewDiffusion:
         target = self.target(x0, noise, t)  # [B, V, C, h, w]
         err = (out.sample.float() - target.float()).pow(2).mean(dim=(2, 3, 4))  # [B, V]
         weight = cond_mask.float()  # [B, V]
-        loss = (err * weight).sum() / weight.sum()
-        per_sample = ((err * weight).sum(1) / weight.sum(1)).detach()  # [B]
+        per_sample = (err * weight).sum(1) / weight.sum(1)  # [B]
+        if weigh_timesteps and self.config.min_snr_gamma > 0:
+            loss = (per_sample * self.min_snr_weight(t)).mean()
+        else:
+            loss = (err * weight).sum() / weight.sum()
+        per_sample = per_sample.detach()
         aux = dict(t=t, camera_dropped=drop, cond_mask=cond_mask, loss_per_sample=per_sample, tap=out.tap)
         return loss, aux
 
