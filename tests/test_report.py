@@ -540,3 +540,16 @@ def test_layer_study_table_sets_each_supervised_layer_beside_its_emergent_pck(tm
     # one supervised layer (every other report): no such section
     build_report(synthetic_sweep(), tmp_path / "s", experiment="s", n_boot=50, draw=False)
     assert "emergent correspondence" not in (tmp_path / "s" / "report.md").read_text()
+
+
+def test_a_knob_added_after_some_runs_does_not_split_their_variants():
+    runs = synthetic_sweep()  # 3 arms x 3 seeds
+    for run in runs[::2]:  # runs logged after a knob was added log its default
+        run.params["diffusion.min_snr_gamma"] = "0.0"
+    grouping = group_runs(runs)
+    assert sorted(len(v.runs) for v in grouping.variants) == [3, 3, 3]
+    assert "diffusion.min_snr_gamma" not in grouping.varying
+    assert all(r.params["diffusion.min_snr_gamma"] == "0.0" for v in grouping.variants for r in v.runs)
+    runs[1].params["diffusion.min_snr_gamma"] = "5.0"  # two values: a real axis, nothing is filled in
+    grouping = group_runs(runs)
+    assert "diffusion.min_snr_gamma" in grouping.varying and len(grouping.variants) > 3

@@ -391,6 +391,14 @@ def test_reuse_matches_every_param_but_the_run_folders_name_and_place_and_not_ru
     assert run_copy.find_equivalent(["params_only"], {**same, "train.lr": "1"}, store) is None  # one more param
     assert run_copy.find_equivalent(["params_only", "absent"], {k: v for k, v in same.items() if k != "seed"},
                                     store) is None
+    # A knob added after the run: the run lacks its param and counts as having had its default.
+    newer = {**same, "diffusion.min_snr_gamma": "0.0"}
+    assert run_copy.find_equivalent(["params_only"], newer, store) is None
+    assert run_copy.find_equivalent(["params_only"], newer, store,
+                                    defaults={"diffusion.min_snr_gamma": "0.0", "unrelated": "1"})["run_id"] == run_id
+    assert run_copy.find_equivalent(["params_only"], {**newer, "diffusion.min_snr_gamma": "5.0"}, store,
+                                    defaults={"diffusion.min_snr_gamma": "0.0"}) is None
+    assert run_copy.find_equivalent(["params_only"], {**same, "seed": "1"}, store, defaults={"seed": "1"}) is None
 
 
 def test_reuse_dates_a_configuration_by_its_newest_input_file(tmp_path):

@@ -8,6 +8,7 @@ settings that agrees on the most other parameters.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Callable
@@ -124,8 +125,25 @@ def _non_cameo(params: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in params.items() if not _is_cameo(k)}
 
 
+def with_later_knobs(runs: list[RunRecord]) -> list[RunRecord]:
+    """The runs, where a param that some runs lack and all the others log with one value is filled
+    in with it: a knob added after the older runs, whose one value since is its default (added so
+    that it keeps the old behaviour), would otherwise split one configuration into two variants."""
+    values: dict[str, set[str]] = {}
+    for run in runs:
+        for key, value in run.params.items():
+            values.setdefault(key, set()).add(value)
+    later = {key: next(iter(v)) for key, v in values.items()
+             if len(v) == 1 and key not in SEED_PARAMS and any(key not in r.params for r in runs)}
+    if not later:
+        return runs
+    return [dataclasses.replace(r, params={**later, **r.params}) if later.keys() - r.params.keys() else r
+            for r in runs]
+
+
 def group_runs(runs: list[RunRecord]) -> Grouping:
     """Variants and their baselines. A baseline's own `cameo.*` values do not matter (weight 0)."""
+    runs = with_later_knobs(runs)
     groups: dict[tuple, list[RunRecord]] = {}
     for run in runs:
         params = config_params(run)

@@ -84,6 +84,7 @@ def _reuse(payload: dict[str, Any], exp) -> TrialResult | None:
     from cameo_bench.engine.loop import logged_params
     from cameo_bench.engine.tracked_run import run_name
     from cameo_bench.tracking import keys
+    from cameo_bench.tracking.labels import honest_params, params_are_baseline
 
     start = time.perf_counter()
     uri = payload["tracking_uri"]
@@ -91,8 +92,9 @@ def _reuse(payload: dict[str, Any], exp) -> TrialResult | None:
     if (run_dir / tracking.RUN_ID_FILE).exists():  # this trial trained (or was continued) before: resume it
         return None
     params = logged_params(exp)
+    defaults = honest_params(type(exp)().flat_params(), baseline=params_are_baseline(params))
     source = tracking.find_equivalent(payload["reuse_from"], params, uri, started_after_ms=_inputs_modified_ms(exp),
-                                      extendable=keys.TRAIN_STEPS)
+                                      extendable=keys.TRAIN_STEPS, defaults=defaults)
     if source is None:
         return None
     old_dir = pathlib.Path(source["tags"].get(keys.RUN_DIR, ""))

@@ -100,15 +100,16 @@ def label_tags(params: Mapping[str, str], layer: str | None = None) -> dict[str,
     }
 
 
-def honest_params(params: Mapping[str, str]) -> dict[str, str]:
+def honest_params(params: Mapping[str, str], baseline: bool | None = None) -> dict[str, str]:
     """The params as a run logs them: a baseline's `cameo.*` values (but its weight) become `none`.
 
     A baseline trains no CAMEO, so the layer, source and head its config happens to carry (a sweep
     that collapses baselines keeps the base file's, e.g. the DiT arm's `depth:0.5` in a UNet
     baseline) would only suggest a supervision that never ran. The weight stays: with `none` as
-    the source it still reads as a baseline under `is_baseline`.
+    the source it still reads as a baseline under `is_baseline`. `baseline` overrides what the
+    params say (default values, logged as some trial's would be).
     """
-    if not params_are_baseline(params):
+    if not (params_are_baseline(params) if baseline is None else baseline):
         return dict(params)
     return {k: (keys.NONE if k.startswith(keys.CAMEO_PREFIX) and k != keys.CAMEO_WEIGHT else v)
             for k, v in params.items()}

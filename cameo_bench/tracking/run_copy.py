@@ -18,7 +18,7 @@ that started before those files last changed is no source either: reuse errs tow
 from __future__ import annotations
 
 import tempfile
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -37,16 +37,23 @@ def _configuration(params: dict[str, str]) -> dict[str, str]:
 
 
 def find_equivalent(experiments: Iterable[str], params: dict[str, str], uri: str | None = None, *,
-                    started_after_ms: int = 0, extendable: str | None = None) -> dict[str, Any] | None:
+                    started_after_ms: int = 0, extendable: str | None = None,
+                    defaults: Mapping[str, str] | None = None) -> dict[str, Any] | None:
     """A FINISHED run of `experiments` whose logged params equal `params` (but for the run folder's
     name and place) and that started after `started_after_ms` (when the files it read by path last
     changed): `{run_id, experiment, tags, params, extends: False}`, the newest such run; or None.
 
     With `extendable` (a param holding an int: the step count), when no run is equal, the run equal
     in everything but a smaller `extendable` (the longest one) with `extends: True`: a run that a
-    caller may continue, not copy. Unknown experiments are skipped."""
+    caller may continue, not copy. Unknown experiments are skipped.
+
+    `defaults`: the value each knob has by default, as it would be logged. A run logged before a
+    knob existed lacks its param; it counts as having the default, since a knob is added with a
+    default that keeps the behaviour it had before (tests/test_engine_reference.py replays runs
+    of older commits to hold the engine to it)."""
     client = MlflowClient(tracking_uri=uri or default_tracking_uri())
     wanted = _configuration({key: str(value)[:MAX_PARAM_CHARS] for key, value in params.items()})
+    implied = {key: str(value)[:MAX_PARAM_CHARS] for key, value in (defaults or {}).items() if key in wanted}
     exact, shorter = None, []
     for name in experiments:
         found = client.get_experiment_by_name(name)
@@ -59,7 +66,7 @@ def find_equivalent(experiments: Iterable[str], params: dict[str, str], uri: str
             for run in page:
                 if run.info.start_time <= started_after_ms:
                     continue
-                have = _configuration(dict(run.data.params))
+                have = _configuration({**implied, **run.data.params})
                 hit = {"run_id": run.info.run_id, "experiment": name, "tags": dict(run.data.tags),
                        "params": dict(run.data.params), "extends": False}
                 if have == wanted:
