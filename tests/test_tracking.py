@@ -521,3 +521,22 @@ def test_gin_tracking_section(store, tmp_path):
     assert train(tmp_path, *bad_layer, "--gin_param", "tracking.enabled = False", "--tracking",
                  "--experiment", "flag-wins") == 2
     assert only_run(store, "flag-wins").info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_processes_started_together_on_a_fresh_store_all_get_it(tmp_path):
+    """Without the folder lock 3 of 4 processes failed in MLflow's schema migration, every time."""
+    import multiprocessing
+
+    from store_race import create_store  # a light module: each spawned process imports it, not this one
+
+    ctx = multiprocessing.get_context("spawn")
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    barrier, results = ctx.Barrier(4), ctx.Queue()
+    processes = [ctx.Process(target=create_store, args=(uri, barrier, results)) for _ in range(4)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(120)
+    assert [results.get(timeout=5) for _ in processes] == ["ok"] * 4
+    assert sorted(os.listdir(tmp_path / "new")) == ["mlflow.db"]  # no lock file is left behind

@@ -9,6 +9,7 @@ FAILED with the error text as a tag, and a resumed training run continues the sa
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import platform
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 from importlib import metadata
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 from urllib.parse import urlparse
 
 import mlflow
@@ -63,15 +64,36 @@ def default_artifact_root(uri: str | None = None) -> str | None:
 
 
 def ensure_store(uri: str | None = None) -> str:
-    """Create the tracking database once, before any worker starts (concurrent first-time
-    creation of a sqlite store crashes workers: the schema migrations race)."""
+    """Create the tracking database if it is new. Processes that create one sqlite store at the
+    same moment crash: MLflow's schema migrations race (3 of 4 `cameo-bench train` started together
+    on a fresh folder failed, every time). A sweep calls this before its workers start; separate
+    commands take turns through a lock on the database's folder."""
     uri = uri or default_tracking_uri()
     db = sqlite_path(uri)
-    if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(tracking_uri=uri)
-    client.search_experiments(max_results=1)
+    if db is None:
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        return uri
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(db.parent):
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     return uri
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: pathlib.Path) -> Iterator[None]:
+    """An exclusive lock held on `folder` itself (flock on its descriptor: no lock file is left
+    behind); where flock does not exist (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def get_or_create_experiment(name: str, uri: str | None = None) -> str:
