@@ -152,10 +152,6 @@ def _final(run: RunRecord, key: str) -> float | None:
     return floors.final_value(run.metrics, key)
 
 
-def _finals(v: Variant, key: str) -> list[float]:
-    return [x for x in (_final(r, key) for r in v.runs) if x is not None]
-
-
 def _convergence_section(backbones, metric: str, out: pathlib.Path, draw: bool,
                          x: str = "steps") -> tuple[list[str], pathlib.Path | None]:
     panels = {}
@@ -193,7 +189,7 @@ def _profile_section(backbone: str, variants: list[Variant], out: pathlib.Path,
     if not found:
         return [], []
     layers = _layer_order(variants, found)
-    arms = [(v.label, [float(np.mean(f)) if (f := _finals(v, keys.attn(n, keys.PCK1))) else math.nan
+    arms = [(v.label, [float(np.mean(f)) if (f := v.finals(keys.attn(n, keys.PCK1))) else math.nan
                        for n in layers], v.layer) for v in variants]
     lines = [f"#### {backbone}: final PCK@1 of every layer (bold = the variant's supervised layer)", ""]
     rows = [[n] + [f"**{a[1][i]:.3f}**" if a[2] == n else _num(a[1][i]) for a in arms] for i, n in enumerate(layers)]
@@ -209,7 +205,7 @@ def _profile_section(backbone: str, variants: list[Variant], out: pathlib.Path,
             for layer in supervised if v.baseline_arm else [v.layer]:
                 if layer is None:
                     continue
-                cells = [_mean_std(_finals(v, keys.attn(layer, f"{keys.PCK1}/{b}"))) for b in bins]
+                cells = [_mean_std(v.finals(keys.attn(layer, f"{keys.PCK1}/{b}"))) for b in bins]
                 rows.append([v.label, layer] + cells)
         lines += [f"#### {backbone}: PCK@1 at the supervised layer by viewpoint change (degrees), final step", ""]
         lines += _table(["arm", "layer"] + bins, rows) + [""]
@@ -229,7 +225,7 @@ def _quality_by_bin_section(backbone: str, variants: list[Variant]) -> list[str]
             continue
         rows = []
         for v in variants:
-            rows.append([v.label] + [_mean_std(_finals(v, keys.eval_by_bin(metric, b))) for b in bins])
+            rows.append([v.label] + [_mean_std(v.finals(keys.eval_by_bin(metric, b))) for b in bins])
             if v.baseline_arm or v.baseline is None:
                 continue
             gaps = []
@@ -308,7 +304,7 @@ def _sweep_section(report: Report, backbones, present, fractions) -> list[str]:
         header += [f"{PRIMARY} − best floor"] if verdicts else []
         rows = []
         for v in variants:
-            finals = ["—" if v.baseline_arm and m.startswith(SUPERVISED) else _mean_std(_finals(v, v.key_for(m, v.layer)))
+            finals = ["—" if v.baseline_arm and m.startswith(SUPERVISED) else _mean_std(v.finals(v.key_for(m, v.layer)))
                       for m in present]
             c = report.of(v, PRIMARY)
             speed = _speed_cell(c, len(fractions) - 1) if c and fractions[-1] == 1.0 else "—"

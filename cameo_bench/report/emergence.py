@@ -14,15 +14,10 @@ from typing import Callable
 
 import numpy as np
 
-from cameo_bench.report import floors
 from cameo_bench.report.curves import Comparison
 from cameo_bench.report.markdown import mean_std, signed_ci, table
 from cameo_bench.report.runs import SUPERVISED, Variant
 from cameo_bench.tracking import keys
-
-
-def _finals(v: Variant, key: str) -> list[float]:
-    return [x for r in v.runs if (x := floors.final_value(r.metrics, key)) is not None]
 
 
 def _mean(values: list[float]) -> float | None:
@@ -39,8 +34,8 @@ def section(backbones: dict[str, list[Variant]], of: Callable[[Variant, str], Co
             continue
         rows, points = [], []
         for v in arms:
-            emergent = _mean(_finals(v.baseline, keys.attn(v.layer, keys.PCK1)))
-            supervised = _finals(v, SUPERVISED + keys.PCK1) or _finals(v, keys.attn(v.layer, keys.PCK1))
+            emergent = _mean(v.baseline.finals(keys.attn(v.layer, keys.PCK1)))
+            supervised = v.finals(SUPERVISED + keys.PCK1) or v.finals(keys.attn(v.layer, keys.PCK1))
             c = of(v, metric)
             gap = signed_ci(c.final_gap, c.final_gap_ci) if c else "—"
             rows.append([v.label, v.layer, "—" if emergent is None else f"{emergent:.3f}", mean_std(supervised), gap])

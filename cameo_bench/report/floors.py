@@ -139,7 +139,7 @@ def variant_floors(variant, metric: str) -> dict[str, float]:
 
 
 def _mean_final(variant, metric: str) -> float | None:
-    values = [h[-1][1] for r in variant.runs if (h := r.metrics.get(metric))]
+    values = variant.finals(metric)
     return sum(values) / len(values) if values else None
 
 

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable
 
+from cameo_bench.report.floors import final_value
 from cameo_bench.tracking import RunRecord, keys
 from cameo_bench.tracking.labels import params_are_baseline
 
@@ -97,6 +98,10 @@ class Variant:
         if any(not c for c in found):
             return None
         return found if self.rescale is None else [self.rescale(r, c) for r, c in zip(self.runs, found)]
+
+    def finals(self, key: str) -> list[float]:
+        """The last logged value of `key` in each run that logged it."""
+        return [x for r in self.runs if (x := final_value(r.metrics, key)) is not None]
 
     def key_for(self, metric: str, layer: str | None) -> str:
         """A baseline has no `attn/supervised/*`: read the variant's layer there instead."""

@@ -70,11 +70,9 @@ def ensure_store(uri: str | None = None) -> str:
     commands take turns through a lock on the database's folder."""
     uri = uri or default_tracking_uri()
     db = sqlite_path(uri)
-    if db is None:
-        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
-        return uri
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(db.parent):
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
+    with _folder_lock(db.parent) if db is not None else contextlib.nullcontext():
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
     return uri
 
