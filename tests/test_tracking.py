@@ -298,6 +298,20 @@ def test_train_cli_logs_one_run_and_resume_continues_it(store, calls, tmp_path):
     assert [s for s, _ in history(store, run_id, "eval/psnr")] == [2, 4]
 
 
+def test_a_single_view_run_tags_why_floors_and_attention_are_left_out(store, tmp_path):
+    """A prior (no references) omits whole metric families by prefix (`eval/floor/`): the tags
+    naming them must be keys MLflow accepts (a trailing slash is refused and failed every prior)."""
+    assert train(tmp_path, "--gin_param", "data.num_views = 1", "--gin_param", "data.num_ref = 0",
+                 "--gin_param", "cameo.weight = 0.0") == 0
+    run = only_run(store)
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    for family in (keys.FLOOR, keys.ORACLE, keys.PSNR):
+        assert "reference" in tags[keys.not_computed(family)]
+    assert keys.not_computed(keys.FLOOR) == "not_computed.eval/floor"
+    assert not any(k.startswith((keys.FLOOR, keys.ORACLE, keys.PSNR)) for k in run.data.metrics)
+
+
 def test_train_cli_marks_a_nan_run_failed_and_keeps_its_metrics(store, tmp_path, monkeypatch):
     from cameo_bench.objectives.diffusion import MultiViewDiffusion
 

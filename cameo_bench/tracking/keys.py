@@ -176,8 +176,9 @@ def eval_convention(name: str) -> str:
 def not_computed(metric: str) -> str:
     """`not_computed.<metric>` (e.g. `not_computed.eval/lpips_vgg`): a tag whose value says why the
     metric was not logged (no weights, no depth, ...). A metric that cannot be computed is never
-    logged as NaN."""
-    return f"not_computed.{metric}"
+    logged as NaN. A prefix (`eval/floor/`: every floor) loses its trailing slash, which MLflow
+    refuses in a key (`not_computed.eval/floor`)."""
+    return f"not_computed.{metric.rstrip('/')}"
 
 
 EVAL_JSON_CONVENTIONS = "conventions"  # eval.json field: {psnr, ssim, lpips, preprocess, ...} -> name
