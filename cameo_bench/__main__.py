@@ -17,6 +17,8 @@ COMMANDS = {
     "sweep": ("cameo_bench.cli.sweep", "run a grid of experiments from a sweep gin file (local pool or Slurm)"),
     "report": ("cameo_bench.cli.report",
                "convergence report of an MLflow experiment: curves, speed-ups with bootstrap CIs, sweep tables"),
+    "archive": ("cameo_bench.cli.archive",
+                "export an experiment's runs to a committed file, or import such a file into the store"),
     "data": ("cameo_bench.cli.data", "write synthetic scenes, convert real datasets to scene folders, check them"),
     "ui": ("cameo_bench.cli.ui", "the MLflow UI on 127.0.0.1, opened on an experiment's runs table (needs the ui extra)"),
 }

@@ -9,7 +9,11 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--experiment", required=True, help="MLflow experiment name (a sweep's experiment)")
+    parser.add_argument("--experiment", default=None,
+                        help="MLflow experiment name (a sweep's experiment); required unless --archive names it")
+    parser.add_argument("--archive", default=None,
+                        help="read the runs from this file of `cameo-bench archive export` instead of the store "
+                             "(it keeps no figures: attention figures are left out)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory)")
     parser.add_argument("--out", default="reports", help="parent folder; the report goes to OUT/NAME/")
@@ -28,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def regenerate_command(args: argparse.Namespace) -> str:
     """The command line that rebuilds this report, with only the options that were changed."""
-    parts = ["cameo-bench", "report", "--experiment", args.experiment]
-    defaults = {"tracking_uri": None, "out": "reports", "name": None, "fractions": "0.5,0.75,0.9,1.0",
+    parts = ["cameo-bench", "report"] + ([] if args.archive else ["--experiment", args.experiment])
+    defaults = {"archive": None, "tracking_uri": None, "out": "reports", "name": None, "fractions": "0.5,0.75,0.9,1.0",
                 "bootstrap": 2000, "seed": 0, "include_running": False, "no_plots": False, "x": "steps"}
     for key, default in defaults.items():
         value = getattr(args, key)
@@ -48,6 +52,20 @@ def _prefixes(load_runs, x: str) -> tuple[str, ...]:
     return tuple(inspect.signature(load_runs).parameters["metric_prefixes"].default) + metric_prefixes(x)
 
 
+def _archive_fetch(texts: dict[tuple[str, str], str]):
+    """`fetch` for `build_report` from an archive: the text artifacts it kept, no figures."""
+    import pathlib
+
+    def fetch(run, path, dst):
+        text = texts.get((run.run_id, path))
+        if text is None:
+            return None
+        pathlib.Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(dst).write_text(text)
+        return pathlib.Path(dst)
+    return fetch
+
+
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per fetched figure is noise
     from cameo_bench.report import build_report
@@ -59,18 +77,35 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: --fractions {args.fractions!r} is not a comma-separated list of numbers", file=sys.stderr)
         return 2
     uri = args.tracking_uri or default_tracking_uri()
-    try:
-        runs = load_runs(args.experiment, uri, metric_prefixes=_prefixes(load_runs, args.x))
-    except KeyError as err:
-        print(f"error: {err.args[0]}", file=sys.stderr)
+    fetch = lambda run, path, dst: fetch_artifact(run.run_id, path, dst, uri)  # noqa: E731
+    if args.archive:
+        from cameo_bench.tracking import archived_text, read_archive
+
+        try:
+            experiment, runs = read_archive(args.archive)
+        except (OSError, ValueError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        if args.experiment not in (None, experiment):
+            print(f"error: {args.archive} holds experiment {experiment!r}, not {args.experiment!r}", file=sys.stderr)
+            return 2
+        args.experiment, fetch = experiment, _archive_fetch(archived_text(args.archive))
+    elif args.experiment is None:
+        print("error: name the runs: --experiment NAME (from the store) or --archive FILE", file=sys.stderr)
         return 2
+    else:
+        try:
+            runs = load_runs(args.experiment, uri, metric_prefixes=_prefixes(load_runs, args.x))
+        except KeyError as err:
+            print(f"error: {err.args[0]}", file=sys.stderr)
+            return 2
     name = args.name or re.sub(r"[^A-Za-z0-9._-]+", "_", args.experiment)
     statuses = ("FINISHED", "RUNNING") if args.include_running else ("FINISHED",)
     try:
         report = build_report(runs, f"{args.out}/{name}", experiment=args.experiment, command=regenerate_command(args),
                               fractions=fractions, n_boot=args.bootstrap, seed=args.seed, statuses=statuses,
-                              source=args.tracking_uri, draw=not args.no_plots, x=args.x,
-                              fetch=lambda run, path, dst: fetch_artifact(run.run_id, path, dst, uri))
+                              source=args.archive or args.tracking_uri, draw=not args.no_plots, x=args.x,
+                              fetch=fetch)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

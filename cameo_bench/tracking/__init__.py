@@ -1,7 +1,7 @@
 """Tracking: what a run records, where, under which names; the package's names resolve lazily.
 
 Every logged name (`keys`), the run folder's log (`run_log`), MLflow writing, reading and sweep
-bookkeeping (`mlflow_writer`, `mlflow_reader`, `sweep_runs`, `run_copy`: the only mlflow importers, with
+bookkeeping (`mlflow_writer`, `mlflow_reader`, `sweep_runs`, `run_copy`, `run_archive`: the only mlflow importers, with
 `key_escape` for MLflow's spelling of metric names), run labels (`labels`) and the UI launcher (`ui`).
 
 Names resolve lazily so that reading a run folder, or importing `keys` or `labels`, does not import mlflow.
@@ -19,6 +19,7 @@ _EXPORTS = {
     'mlflow_reader': ('RunRecord', 'load_runs', 'fetch_artifact'),
     'sweep_runs': ('find_runs', 'start_parent_run', 'create_failed_run', 'end_run', 'clear_error', 'log_run_text'),
     'run_copy': ('find_equivalent', 'copy_run', 'final_eval_metrics'),
+    'run_archive': ('export_experiment', 'read_archive', 'archived_text', 'import_archive'),
     'labels': ('run_label',),
     'run_log': ('RunLog', 'read_metrics'),
 }
