@@ -38,34 +38,49 @@ class RunRecord:
         self.metrics = {keys.current_name(k): h for k, h in self.metrics.items()}
 
 
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of an existing experiment; KeyError naming the ones there are."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        names = sorted(e.name for e in client.search_experiments(max_results=1000))
+        raise KeyError(f"no MLflow experiment named {name!r} at {client.tracking_uri}; found: {names}")
+    return experiment.experiment_id
+
+
+def all_runs(client: MlflowClient, experiment_id: str) -> list:
+    """Every active run of an experiment, oldest first (all pages of `search_runs`)."""
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"], max_results=1000,
+                                  page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float, int]]:
+    """`[(step, value, timestamp), ...]` of one metric (its MLflow key), sorted by step; of several
+    values logged at one step the last one (a resumed run re-evaluating a step) counts."""
+    by_step: dict[int, tuple[float, int]] = {}
+    for m in sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp)):
+        by_step[int(m.step)] = (float(m.value), int(m.timestamp))
+    return [(step, value, stamp) for step, (value, stamp) in sorted(by_step.items())]
+
+
 def load_runs(experiment_name: str, uri: str | None = None,
               metric_prefixes: tuple[str, ...] = (keys.EVAL, keys.ATTN)) -> list[RunRecord]:
     """Every active run of an experiment with the full history of the metrics whose key starts
     with one of `metric_prefixes` (histories cost one query per key and run: fetch what a
     report reads, not every `train/*` scalar)."""
     client = MlflowClient(tracking_uri=uri or default_tracking_uri())
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        names = sorted(e.name for e in client.search_experiments(max_results=1000))
-        raise KeyError(f"no MLflow experiment named {experiment_name!r} at {client.tracking_uri}; found: {names}")
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"],
-                                  max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            break
     records = []
-    for run in runs:
+    for run in all_runs(client, experiment_id(client, experiment_name)):
         histories = {}
         for key in sorted(run.data.metrics):
             name = keys.current_name(from_mlflow_key(key))  # old stores: `attn/...` reads as today's name
             if name.startswith(metric_prefixes):
-                by_step = {}
-                for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp)):
-                    by_step[int(m.step)] = float(m.value)
-                histories[name] = sorted(by_step.items())
+                histories[name] = [(step, value) for step, value, _ in metric_history(client, run.info.run_id, key)]
         records.append(RunRecord(run_id=run.info.run_id, name=run.info.run_name or run.info.run_id,
                                  params=dict(run.data.params), tags=dict(run.data.tags), metrics=histories,
                                  status=run.info.status,

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 
 from cameo_bench.tracking import keys
 from cameo_bench.tracking.key_escape import from_mlflow_key, to_mlflow_key
-from cameo_bench.tracking.mlflow_reader import RunRecord
+from cameo_bench.tracking.mlflow_reader import RunRecord, all_runs, experiment_id, metric_history
 from cameo_bench.tracking.mlflow_writer import (MAX_PARAM_CHARS, MAX_TAG_CHARS, default_tracking_uri,
                                                 get_or_create_experiment, log_in_batches)
 
@@ -42,26 +42,10 @@ def export_experiment(experiment: str, path: str | pathlib.Path, uri: str | None
     same bytes, so a re-export changes the committed file only when a run changed); returns the
     number of runs."""
     client = MlflowClient(tracking_uri=uri or default_tracking_uri())
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = sorted(e.name for e in client.search_experiments(max_results=1000))
-        raise KeyError(f"no MLflow experiment named {experiment!r} at {client.tracking_uri}; found: {names}")
-    runs, token = [], None
-    while True:
-        page = client.search_runs([found.experiment_id], order_by=["attributes.start_time ASC"],
-                                  max_results=1000, page_token=token)
-        runs += list(page)
-        token = page.token
-        if not token:
-            break
     entries = []
-    for run in runs:
-        metrics = {}
-        for key in sorted(run.data.metrics):
-            by_step: dict[int, tuple[float, int]] = {}
-            for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: (m.step, m.timestamp)):
-                by_step[int(m.step)] = (float(m.value), int(m.timestamp))
-            metrics[from_mlflow_key(key)] = [[step, value, stamp] for step, (value, stamp) in sorted(by_step.items())]
+    for run in all_runs(client, experiment_id(client, experiment)):
+        metrics = {from_mlflow_key(key): [list(point) for point in metric_history(client, run.info.run_id, key)]
+                   for key in sorted(run.data.metrics)}
         texts = _texts(client, run.info.run_id)
         entries.append({"run_id": run.info.run_id, "name": run.info.run_name, "status": run.info.status,
                         "start_time": run.info.start_time, "end_time": run.info.end_time,
@@ -128,17 +112,12 @@ def import_archive(path: str | pathlib.Path, uri: str | None = None) -> tuple[in
     uri = uri or default_tracking_uri()
     data = _read(path)
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = get_or_create_experiment(data["experiment"], uri)
-    present, token = {}, None
-    while True:
-        page = client.search_runs([experiment_id], max_results=1000, page_token=token)
-        for run in page:
-            present[run.info.run_id] = run.info.run_id
-            if ARCHIVED_FROM in run.data.tags:
-                present[run.data.tags[ARCHIVED_FROM]] = run.info.run_id
-        token = page.token
-        if not token:
-            break
+    target = get_or_create_experiment(data["experiment"], uri)
+    present = {}
+    for run in all_runs(client, target):
+        present[run.info.run_id] = run.info.run_id
+        if ARCHIVED_FROM in run.data.tags:
+            present[run.data.tags[ARCHIVED_FROM]] = run.info.run_id
     new_ids = dict(present)
     # parents before their children, so that a child's parent tag can name the parent's new id
     ordered = sorted(data["runs"], key=lambda r: keys.PARENT_RUN_ID in r["tags"])
@@ -150,7 +129,7 @@ def import_archive(path: str | pathlib.Path, uri: str | None = None) -> tuple[in
         for key in _REMAPPED_TAGS:
             if key in tags:
                 tags[key] = new_ids.get(tags[key], tags[key])
-        run_id = client.create_run(experiment_id, start_time=entry["start_time"], run_name=entry["name"]).info.run_id
+        run_id = client.create_run(target, start_time=entry["start_time"], run_name=entry["name"]).info.run_id
         log_in_batches(
             client, run_id,
             tags=[RunTag(to_mlflow_key(k), str(v)[:MAX_TAG_CHARS]) for k, v in tags.items()],
