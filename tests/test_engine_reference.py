@@ -2,13 +2,15 @@
 losses, evaluation metrics and parameters recorded by the pre-redesign engine (commit 59a3064,
 `tests/fixtures/make_engine_reference.py`).
 
-Parameters are compared bit for bit when this machine runs the same CPU kernels as the one that made
-the record (same torch and CPU capability); elsewhere a different SIMD path may round differently,
-so metrics are then compared to a relative 1e-4 and the hash is not asserted.
+Metrics are compared to a relative 1e-5: float32 training rounds differently on different CPUs even
+with the same torch and the same reported CPU capability (a new machine of 2026-12-07, capability
+as recorded, moved metrics by 1.4e-7 relative after training), while any change of the algorithm
+moves them by orders of magnitude more. The fixture's parameter hash is therefore not asserted (it
+held bit for bit only on the machines of its day). Where the kernels are known to differ (another
+torch or capability), the tolerance is 1e-4.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pathlib
@@ -30,14 +32,6 @@ CASE_FILES = {
 }
 SAME_KERNELS = (REFERENCE["torch"] == torch.__version__
                 and REFERENCE["cpu_capability"] == torch.backends.cpu.get_cpu_capability())
-
-
-def param_hash(model) -> str:
-    h = hashlib.sha256()
-    for key, value in sorted(model.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def run_case(name: str, tmp_path: pathlib.Path, extra: tuple[str, ...] = ()):
@@ -62,10 +56,10 @@ def compare(name: str, history, *, exact: bool) -> None:
         assert [s for s, _ in got] == [s for s, _ in values], key
         for (_, a), (_, b) in zip(got, values):
             b = float(b)
-            if exact:
-                assert a == b or (math.isnan(a) and math.isnan(b)), (key, a, b)
+            if math.isnan(b):
+                assert math.isnan(a), (key, a, b)
             else:
-                assert a == pytest.approx(b, rel=1e-4, abs=1e-6), key
+                assert a == pytest.approx(b, rel=1e-5 if exact else 1e-4, abs=1e-7 if exact else 1e-6), (key, a, b)
 
 
 # The pre-redesign engine computed the CAMEO loss with what is now `cameo.impl = 'dense'`; the
@@ -76,10 +70,8 @@ SAME_ALGORITHM = ("cameo.impl = 'dense'",)
 @pytest.mark.parametrize("name", sorted(REFERENCE["cases"]))
 def test_same_gin_gives_the_pre_redesign_run(name, tmp_path):
     torch.set_num_threads(1)
-    run, history = run_case(name, tmp_path, SAME_ALGORITHM)
+    _, history = run_case(name, tmp_path, SAME_ALGORITHM)
     compare(name, history, exact=SAME_KERNELS)
-    if SAME_KERNELS:
-        assert param_hash(run.model) == REFERENCE["cases"][name]["param_sha256"]
 
 
 @pytest.mark.parametrize("name", ["dit_micro_cameo", "unet_micro_cameo_linear"])
