@@ -124,10 +124,14 @@ def test_a_sweep_exported_imported_into_a_fresh_store_resumes_there_and_reports_
     path = write_sweep(tmp_path, "arch", {"cameo.weight": [0.0, 0.5]},
                        fixed=["train.steps = 2", "eval.every = 2", "train.checkpoint_every = 2", "eval.lpips = False"])
     monkeypatch.setenv("MLFLOW_TRACKING_URI", a)
-    assert sweep_cli([path, "--workers", 0]) == 0
     archive = tmp_path / "runs.json.gz"
+    assert sweep_cli([path, "--workers", 0, "--archive", archive]) == 0
+    out = capsys.readouterr().out
+    assert "archived 2 runs" in out and out.rstrip().count("archived 3 runs") == 2  # after each trial, at the end
+    assert {r.status for r in run_archive.read_archive(archive)[1]} == {"FINISHED"}  # the parent's end included
+    first = archive.read_bytes()
     assert _cli(archive_cli, ["export", "--experiment", "arch", "--out", archive]) == 0
-    assert "3 runs" in capsys.readouterr().out  # the parent and two trials
+    assert "3 runs" in capsys.readouterr().out and archive.read_bytes() == first  # the parent and two trials
 
     # the report from the file is the report from the store (tables; the archive keeps no figures)
     assert _cli(report_cli, ["--experiment", "arch", "--out", tmp_path / "from_store", "--no-plots"]) == 0

@@ -25,6 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary", action="store_true",
                         help="print a side-by-side table of every trial's last evaluation at the end")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
+    parser.add_argument("--archive", default=None, metavar="FILE",
+                        help="rewrite FILE (e.g. reports/NAME/runs.json.gz) with the experiment's runs after every "
+                             "trial: `cameo-bench archive` reads it back")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with sigterm_as_interrupt():  # `kill` of the sweep stops its trials too, each KILLED and resumable
-            results = sweep.run(plan, executor=args.executor, workers=args.workers, uri=args.tracking_uri, slurm=slurm)
+            results = sweep.run(plan, executor=args.executor, workers=args.workers, uri=args.tracking_uri, slurm=slurm,
+                                archive=args.archive)
     except KeyboardInterrupt as err:  # the runner has marked every started trial KILLED by now
         why = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
         print(f"sweep {plan.spec.name!r} {why}: started trials are KILLED and resume from their last checkpoint; "

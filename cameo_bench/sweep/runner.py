@@ -31,8 +31,11 @@ def payload(p: Plan, trial: Trial, parent_run_id: str | None, uri: str) -> dict[
 
 
 def run(p: Plan, *, executor: str | None = None, workers: int | None = None, uri: str | None = None,
-        slurm: dict[str, Any] | None = None, echo=print) -> list[TrialResult]:
-    """Run every unfinished trial; return one result per trial (finished ones as SKIPPED)."""
+        slurm: dict[str, Any] | None = None, archive: str | pathlib.Path | None = None,
+        echo=print) -> list[TrialResult]:
+    """Run every unfinished trial; return one result per trial (finished ones as SKIPPED).
+    `archive`: a file that `tracking.export_experiment` rewrites after every trial and at the end,
+    so that a study's results are on disk, in a file that is committed, as they come in."""
     from cameo_bench import tracking
     from cameo_bench.sweep import executors as sweep_executors
     spec = p.spec
@@ -81,6 +84,7 @@ def run(p: Plan, *, executor: str | None = None, workers: int | None = None, uri
             results[result.trial] = result
             echo(f"[{done}/{len(todo)}] {result.trial} {result.status:<8} {result.seconds:6.1f}s  "
                  f"{payloads[result.trial]['label']}" + (f"\n    {result.error}" if result.error else ""))
+            _archive(spec.experiment_name, archive, uri, echo)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         if executor == "local":  # the pool has stopped every worker by now (Slurm jobs run on)
@@ -93,10 +97,25 @@ def run(p: Plan, *, executor: str | None = None, workers: int | None = None, uri
     failed = [r for r in ordered if r.status not in ("FINISHED", "SKIPPED")]
     tracking.end_run(parent, "FAILED" if failed else "FINISHED",
                      f"{len(failed)} of {len(ordered)} trials failed" if failed else None, uri)
+    _archive(spec.experiment_name, archive, uri, echo)
     echo(f"sweep {spec.name!r} done in {time.perf_counter() - start:.1f}s: "
          f"{sum(r.status == 'FINISHED' for r in ordered)} finished, "
          f"{sum(r.status == 'SKIPPED' for r in ordered)} skipped, {len(failed)} failed")
     return ordered
+
+
+def _archive(experiment: str, path, uri: str, echo) -> None:
+    """Rewrite the sweep's archive; a failure is reported, never a reason to stop the trials."""
+    if path is None:
+        return
+    from cameo_bench import tracking
+
+    try:
+        count = tracking.export_experiment(experiment, path, uri)
+    except Exception as err:  # noqa: BLE001 - the trials' results are in the store either way
+        echo(f"warning: archive {path} not written: {type(err).__name__}: {err}")
+        return
+    echo(f"archived {count} runs to {path}")
 
 
 def failure_report(p: Plan, results: list[TrialResult]) -> str:
