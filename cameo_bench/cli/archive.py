@@ -7,6 +7,7 @@ study's trials after `cameo-bench archive import FILE`. See `cameo_bench.trackin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -23,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per run's trial list is noise
     from cameo_bench.tracking import ensure_store, export_experiment, import_archive
 
     if args.action == "export":

@@ -6,6 +6,7 @@ Exit codes: 0 all trials finished (or were already), 1 some trials failed (liste
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -46,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         print("error: --workers must be >= 0", file=sys.stderr)
         return 2
     slurm = {"cluster": args.cluster} if args.cluster else None
+    if args.archive:
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # the archive reads each run's trial list
     from cameo_bench.engine.signals import Terminated, sigterm_as_interrupt
 
     try:
