@@ -69,7 +69,7 @@ def test_an_archive_reads_like_the_store_and_imports_into_a_fresh_one(stores, tm
     first = path.read_bytes()
     assert run_archive.export_experiment("study", path, a) == 3 and path.read_bytes() == first  # stable bytes
 
-    experiment, records = run_archive.read_archive(path)
+    experiment, records, texts = run_archive.read_archive(path)
     from_store = {r.run_id: r for r in tracking.load_runs("study", a, metric_prefixes=ALL)}
     assert experiment == "study" and {r.run_id for r in records} == set(from_store)
     for record in records:
@@ -78,7 +78,7 @@ def test_an_archive_reads_like_the_store_and_imports_into_a_fresh_one(stores, tm
     t1 = next(r for r in records if r.run_id == ids["t1"])
     assert t1.metrics["eval/psnr"] == [(0, 15.0), (500, 16.5)]
     assert t1.metrics["diag/attn/blocks.00.attn/pck@1/90+"] == [(0, 0.5)]
-    assert run_archive.archived_text(path)[(parent_id, keys.ARTIFACT_SWEEP_TRIALS)].startswith('[{"id": "t1"}')
+    assert texts[(parent_id, keys.ARTIFACT_SWEEP_TRIALS)].startswith('[{"id": "t1"}')
 
     assert run_archive.import_archive(path, b) == (3, 0)
     assert run_archive.import_archive(path, b) == (0, 3)  # twice adds nothing
@@ -128,7 +128,7 @@ def test_a_sweep_exported_imported_into_a_fresh_store_resumes_there_and_reports_
     assert sweep_cli([path, "--workers", 0, "--archive", archive]) == 0
     out = capsys.readouterr().out
     assert "archived 2 runs" in out and out.rstrip().count("archived 3 runs") == 2  # after each trial, at the end
-    assert {r.status for r in run_archive.read_archive(archive)[1]} == {"FINISHED"}  # the parent's end included
+    assert {r.status for r in run_archive.read_archive(archive).runs} == {"FINISHED"}  # the parent's end included
     first = archive.read_bytes()
     assert _cli(archive_cli, ["export", "--experiment", "arch", "--out", archive]) == 0
     assert "3 runs" in capsys.readouterr().out and archive.read_bytes() == first  # the parent and two trials

@@ -103,7 +103,7 @@ def test_the_package_exports_every_name_and_a_run_folder_reads_without_mlflow():
              "load_runs", "fetch_artifact", "TERMINAL_STATUSES", "find_runs", "start_parent_run", "create_failed_run",
              "end_run", "clear_error", "log_run_text", "RUN_ID_FILE", "MAX_BATCH", "PACKAGES", "MAX_TAG_CHARS",
              "RunLog", "read_metrics", "run_label", "find_equivalent", "copy_run", "final_eval_metrics",
-             "export_experiment", "read_archive", "archived_text", "import_archive"]
+             "Archive", "export_experiment", "read_archive", "import_archive"]
     assert sorted(names) == tracking.__all__
     for name in names:
         assert getattr(tracking, name) is not None, name

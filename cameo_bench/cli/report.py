@@ -79,17 +79,17 @@ def run(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or default_tracking_uri()
     fetch = lambda run, path, dst: fetch_artifact(run.run_id, path, dst, uri)  # noqa: E731
     if args.archive:
-        from cameo_bench.tracking import archived_text, read_archive
+        from cameo_bench.tracking import read_archive
 
         try:
-            experiment, runs = read_archive(args.archive)
+            experiment, runs, texts = read_archive(args.archive)
         except (OSError, ValueError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         if args.experiment not in (None, experiment):
             print(f"error: {args.archive} holds experiment {experiment!r}, not {args.experiment!r}", file=sys.stderr)
             return 2
-        args.experiment, fetch = experiment, _archive_fetch(archived_text(args.archive))
+        args.experiment, fetch = experiment, _archive_fetch(texts)
     elif args.experiment is None:
         print("error: name the runs: --experiment NAME (from the store) or --archive FILE", file=sys.stderr)
         return 2

@@ -19,7 +19,7 @@ _EXPORTS = {
     'mlflow_reader': ('RunRecord', 'load_runs', 'fetch_artifact'),
     'sweep_runs': ('find_runs', 'start_parent_run', 'create_failed_run', 'end_run', 'clear_error', 'log_run_text'),
     'run_copy': ('find_equivalent', 'copy_run', 'final_eval_metrics'),
-    'run_archive': ('export_experiment', 'read_archive', 'archived_text', 'import_archive'),
+    'run_archive': ('Archive', 'export_experiment', 'read_archive', 'import_archive'),
     'labels': ('run_label',),
     'run_log': ('RunLog', 'read_metrics'),
 }

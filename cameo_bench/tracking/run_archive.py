@@ -20,7 +20,7 @@ import gzip
 import json
 import pathlib
 import tempfile
-from typing import Any
+from typing import Any, NamedTuple
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
@@ -86,8 +86,15 @@ def _read(path: str | pathlib.Path) -> dict[str, Any]:
     return data
 
 
-def read_archive(path: str | pathlib.Path) -> tuple[str, list[RunRecord]]:
-    """(experiment, its runs as the report reads them), oldest first."""
+class Archive(NamedTuple):
+    """What a report needs from an archive, read in one pass."""
+
+    experiment: str
+    runs: list[RunRecord]  # oldest first, as `load_runs` returns them
+    texts: dict[tuple[str, str], str]  # (run id, artifact path) -> the text kept (`TEXT_ARTIFACTS`)
+
+
+def read_archive(path: str | pathlib.Path) -> Archive:
     data = _read(path)
     records = [RunRecord(run_id=r["run_id"], name=r["name"] or r["run_id"], params=r["params"], tags=r["tags"],
                          metrics={k: [(int(s), float(v)) for s, v, _ in h] for k, h in r["metrics"].items()},
@@ -95,12 +102,8 @@ def read_archive(path: str | pathlib.Path) -> tuple[str, list[RunRecord]]:
                          start_time=r["start_time"] / 1000 if r["start_time"] else None,
                          end_time=r["end_time"] / 1000 if r["end_time"] else None)
                for r in data["runs"]]
-    return data["experiment"], records
-
-
-def archived_text(path: str | pathlib.Path) -> dict[tuple[str, str], str]:
-    """(run id, artifact path) -> the text the archive kept (`TEXT_ARTIFACTS`)."""
-    return {(r["run_id"], name): text for r in _read(path)["runs"] for name, text in r.get("texts", {}).items()}
+    texts = {(r["run_id"], name): text for r in data["runs"] for name, text in r.get("texts", {}).items()}
+    return Archive(data["experiment"], records, texts)
 
 
 def import_archive(path: str | pathlib.Path, uri: str | None = None) -> tuple[int, int]:
