@@ -37,8 +37,8 @@ from cameo_bench.data.loading import build_datasets  # noqa: E402
 from cameo_bench.sweep import grid  # noqa: E402
 
 
-def arms(sweep_file: str) -> list[tuple[str, dict, object]]:
-    """(label, cameo options, data spec) per distinct CAMEO source configuration of the sweep."""
+def arms(sweep_file: str) -> list[tuple[str, str, dict, object]]:
+    """(label, source, its options, data spec) per distinct CAMEO source configuration of the sweep."""
     p = grid.plan(grid.load(sweep_file), check=False)
     seen, out = set(), []
     for trial in p.trials:
@@ -50,7 +50,7 @@ def arms(sweep_file: str) -> list[tuple[str, dict, object]]:
             continue
         seen.add(key)
         label = exp.cameo.source + (f" {exp.cameo.source_options}" if exp.cameo.source_options else "")
-        out.append((label, {"name": exp.cameo.source, **exp.cameo.source_options}, exp.data))
+        out.append((label, exp.cameo.source, dict(exp.cameo.source_options), exp.data))
     return out
 
 
@@ -83,15 +83,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--stride", type=int, default=4)
     args = parser.parse_args(argv)
     rows = []
-    for label, options, data in arms(args.sweep):
+    for label, source, options, data in arms(args.sweep):
         train, _ = build_datasets(data)
         batch = collate([train[i] for i in range(min(args.scenes, len(train)))])
         V, (H, W) = batch["image"].shape[1], batch["image"].shape[-2:]
         size = (V, H // args.stride, W // args.stride)
         truth = compute_targets("depth", batch, size, args.stride)
-        name = options.pop("name")
-        rows.append({"source": label, **score(compute_targets(name, batch, size, args.stride, **options), truth,
-                                               size[2])})
+        targets = compute_targets(source, batch, size, args.stride, **options)
+        rows.append({"source": label, **score(targets, truth, size[2])})
     columns = ["supervised", "visible", "exact", "within 1", "mass within 1"]
     print(f"{args.scenes} training scenes, {args.stride} px per token; targets scored against depth reprojection\n")
     print("| source | " + " | ".join(columns) + " |")
