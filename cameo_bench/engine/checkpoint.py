@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from cameo_bench.engine import distributed
+from cameo_bench.engine.signals import sigterm_deferred
 
 LATEST = "latest.pt"
 FOLDER = "checkpoints"  # inside the run folder
@@ -53,11 +54,12 @@ def save(path: str | os.PathLike, payload: dict[str, Any]) -> pathlib.Path:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with sigterm_deferred():  # a SIGTERM lands once the file is whole and in place
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
     return path
 
 

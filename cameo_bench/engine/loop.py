@@ -12,6 +12,7 @@ from typing import Sequence
 
 from cameo_bench.engine import checkpoint, compute, distributed, pretrained
 from cameo_bench.engine.build import Run
+from cameo_bench.engine.signals import interrupted
 from cameo_bench.engine.step import reduce_metrics, train_step
 from cameo_bench.evaluation.protocol import convention_params
 from cameo_bench.tracking import keys
@@ -174,7 +175,7 @@ def fit(run: Run, *, log: RunLog | None = None, trackers: Sequence = ()) -> dict
             if exp.train.checkpoint_every > 0 and (run.state.step % exp.train.checkpoint_every == 0 or done):
                 _checkpoint(run, sinks)
     except BaseException as err:
-        sinks.finish("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED", f"{type(err).__name__}: {err}")
+        sinks.finish("KILLED" if interrupted(err) else "FAILED", f"{type(err).__name__}: {err}")
         raise
     finally:
         if progress is not None:

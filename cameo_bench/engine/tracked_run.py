@@ -17,6 +17,7 @@ from typing import Sequence
 from cameo_bench.config.spec import Experiment
 from cameo_bench.engine.build import Run, build_run, run_dir_of
 from cameo_bench.engine.checkpoint import latest_path
+from cameo_bench.engine.signals import interrupted
 from cameo_bench.engine.loop import fit, open_log
 from cameo_bench.tracking import keys
 from cameo_bench.tracking.labels import label_tags, run_label
@@ -185,7 +186,7 @@ class TrackedRun:
     def _record_failure(self, err: BaseException) -> None:
         if self.tracker is None:
             return
-        killed = isinstance(err, KeyboardInterrupt)
+        killed = interrupted(err)
         try:
             if not killed:
                 self.tracker.log_text(traceback.format_exc(), keys.ARTIFACT_ERROR)

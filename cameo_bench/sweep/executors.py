@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, Iterator
 
-from cameo_bench.engine.signals import Terminated, sigterm_as_interrupt, sigterm_received
+from cameo_bench.engine.signals import Terminated, interrupted, sigterm_as_interrupt, sigterm_received
 from cameo_bench.sweep import code_snapshot
 from cameo_bench.sweep.results import TrialResult
 
@@ -71,6 +71,9 @@ def _run_trial(payload: dict, start: float) -> TrialResult:
     except Terminated as err:
         return result("KILLED", f"terminated ({err}); restart the sweep to resume from the last checkpoint")
     except Exception as err:  # noqa: BLE001 - a trial's error of any kind is its result
+        if interrupted(err):  # an error raised while the SIGTERM was handled
+            return result("KILLED", f"terminated ({type(err).__name__}: {err}); restart the sweep to resume from "
+                                    "the last checkpoint")
         return result("FAILED", f"{type(err).__name__}: {err}")
 
 

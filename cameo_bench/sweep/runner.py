@@ -10,6 +10,7 @@ import pathlib
 import time
 from typing import Any
 
+from cameo_bench.engine.signals import interrupted
 from cameo_bench.sweep import code_snapshot
 from cameo_bench.sweep.grid import Plan, Trial
 from cameo_bench.sweep.results import TrialResult
@@ -86,7 +87,7 @@ def run(p: Plan, *, executor: str | None = None, workers: int | None = None, uri
                  f"{payloads[result.trial]['label']}" + (f"\n    {result.error}" if result.error else ""))
             _archive(spec.experiment_name, archive, uri, echo)
     except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        status = "KILLED" if interrupted(err) else "FAILED"
         if executor == "local":  # the pool has stopped every worker by now (Slurm jobs run on)
             for trial_id, item in payloads.items():
                 if trial_id not in results:
