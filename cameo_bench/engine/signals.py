@@ -39,8 +39,9 @@ def sigterm_deferred():
 
     Why: `Terminated` raised inside `torch.save` breaks its zip writer, whose clean-up then raises
     a RuntimeError ("unexpected pos") that replaces the interrupt; the run ended FAILED instead of
-    KILLED (seen in the sweep SIGTERM test under load, with a checkpoint every 2 steps). A
-    checkpoint takes well under a second, so holding the signal that long costs nothing.
+    KILLED (seen in the sweep SIGTERM test under load, with a checkpoint every 2 steps). Holding
+    the signal lets the write finish; should a SIGKILL follow first (Slurm's grace period, on a
+    paper-scale checkpoint), the temp-file-then-rename write keeps the previous checkpoint.
     """
     global _deferring, _pending
     _deferring += 1
