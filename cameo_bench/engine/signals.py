@@ -45,18 +45,18 @@ def sigterm_deferred():
     """
     global _deferring, _pending
     _deferring += 1
+    error = None
     try:
         yield
     except BaseException as err:
-        _deferring -= 1
-        if not _deferring and _pending is not None:  # the run was stopped all the same: KILLED, with the error
-            signum, _pending = _pending, None
-            raise Terminated(f"signal {signum}, held while {type(err).__name__}: {err}") from err
+        error = err
         raise
-    _deferring -= 1
-    if not _deferring and _pending is not None:
-        signum, _pending = _pending, None
-        raise Terminated(f"signal {signum}, held until the block was done")
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending is not None:  # stopped all the same: KILLED, with the block's error if any
+            signum, _pending = _pending, None
+            held = f"while {type(error).__name__}: {error}" if error is not None else "until the block was done"
+            raise Terminated(f"signal {signum}, held {held}") from error
 
 
 def interrupted(err: BaseException) -> bool:

@@ -68,10 +68,8 @@ def _run_trial(payload: dict, start: float) -> TrialResult:
         tracked = TrackedRun(exp, resume=True, device=payload.get("device"), mlflow=mlflow,
                              notes=[Note(keys.RUN_TRIAL, keys.ARTIFACT_TRIAL, trial)])
         return result("FINISHED", metrics=tracked.fit())
-    except Terminated as err:
-        return result("KILLED", f"terminated ({err}); restart the sweep to resume from the last checkpoint")
-    except Exception as err:  # noqa: BLE001 - a trial's error of any kind is its result
-        if interrupted(err):  # an error raised while the SIGTERM was handled
+    except (Terminated, Exception) as err:  # noqa: BLE001 - a trial's error of any kind is its result
+        if interrupted(err):  # the SIGTERM itself, or an error raised while it was handled
             return result("KILLED", f"terminated ({type(err).__name__}: {err}); restart the sweep to resume from "
                                     "the last checkpoint")
         return result("FAILED", f"{type(err).__name__}: {err}")

@@ -56,11 +56,8 @@ def arms(sweep_file: str) -> list[tuple[str, str, dict, object]]:
 
 def score(targets, truth, w: int) -> dict[str, float]:
     """The columns above for one source's targets against depth's, on grids of width `w`."""
-    other = truth.valid.new_ones(truth.valid.shape)  # [B, N, V] every (query, other view) pair
-    V = truth.grid[0]
-    T = truth.valid.shape[1] // V
-    for v in range(V):
-        other[:, v * T:(v + 1) * T, v] = False  # a query's own view is never a pair
+    B, N, V = truth.valid.shape
+    pairs = B * N * (V - 1)  # every (query, other view) pair: `valid` is False on a query's own view
     both = targets.valid & truth.valid  # [B, N, V]
     top = targets.weight.argmax(-1, keepdim=True)  # [B, N, V, 1]
     got = targets.idx.gather(-1, top)[..., 0][both]  # [M] heaviest target token
@@ -70,7 +67,7 @@ def score(targets, truth, w: int) -> dict[str, float]:
                          (targets.idx // w - truth.idx[..., :1] // w).abs()) <= 1  # [B, N, V, k]
     mass = (targets.weight * near).sum(-1)[both]  # [M]
     n = max(int(both.sum()), 1)
-    return {"supervised": float(targets.valid[other].float().mean()),
+    return {"supervised": float(targets.valid.sum()) / pairs,
             "visible": float(both.sum() / targets.valid.sum().clamp(min=1)),
             "exact": float((cheb == 0).sum()) / n, "within 1": float((cheb <= 1).sum()) / n,
             "mass within 1": float(mass.sum()) / n, "pairs": int(both.sum())}
